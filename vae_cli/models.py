@@ -1,0 +1,117 @@
+"""The latent-variable model p(z) p(x|z): a standard-normal prior, an MLP Bernoulli decoder,
+and (for the ELBO and IWAE objectives) a Gaussian MLP encoder q(z|x)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+N_PIXELS = 28 * 28
+PIXEL_MEAN_CLAMP = 1e-4  # keeps the logit of never-seen pixels finite
+ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+LOG_2PI = math.log(2 * math.pi)
+
+
+def mlp(sizes: list[int], activation: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) = sum_d x_d l_d - softplus(l_d), for x (B, D) against logits (B, ..., D) -> (B, ...).
+
+    The fused form of sum_d log Bern(x_d; sigmoid(l_d)): no probabilities, no distribution
+    objects, one (B, ..., D) temporary beyond the logits."""
+    return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I), summed over the last (latent) dimension."""
+    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+
+def diagonal_normal_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) summed over the latent dimension; z is (B, S, K), mu and logvar (B, K)."""
+    mu, logvar = mu.unsqueeze(1), logvar.unsqueeze(1)
+    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per latent dimension (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)
+
+
+class Decoder(nn.Module):
+    """z (..., K) -> Bernoulli logits (..., 784)."""
+
+    def __init__(self, K: int, hidden: int, depth: int, activation: str, pixel_means: torch.Tensor | None = None):
+        super().__init__()
+        self.net = mlp([K] + [hidden] * depth + [N_PIXELS], activation)
+        if pixel_means is not None:  # start at the mean-image model: sigmoid(bias) = training pixel means
+            with torch.no_grad():
+                self.net[-1].bias.copy_(torch.logit(pixel_means.clamp(PIXEL_MEAN_CLAMP, 1 - PIXEL_MEAN_CLAMP)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class Encoder(nn.Module):
+    """x (B, 784) -> mean and log-variance (B, K) of the diagonal Gaussian q(z|x)."""
+
+    def __init__(self, K: int, hidden: int, depth: int, activation: str):
+        super().__init__()
+        self.net = mlp([N_PIXELS] + [hidden] * depth + [2 * K], activation)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(x).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class LatentVariableModel(nn.Module):
+    def __init__(self, K: int, decoder: Decoder, encoder: Encoder | None = None):
+        super().__init__()
+        self.K = K
+        self.decoder = decoder
+        self.encoder = encoder
+
+    def sample_prior(self, *shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ N(0, I) of shape (*shape, K) on the model's device."""
+        device = self.decoder.net[0].weight.device
+        return torch.randn(*shape, self.K, device=device, generator=generator)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder is None:
+            raise RuntimeError("this model has no encoder")
+        return self.encoder(x)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, n_samples: int) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I): (B, K) -> (B, n_samples, K), differentiable in mu and logvar."""
+        eps = torch.randn(mu.shape[0], n_samples, mu.shape[1], device=mu.device, dtype=mu.dtype)
+        return mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x_b | z_bs) for x (B, 784) and z (B, S, K) -> (B, S)."""
+        return bernoulli_log_likelihood(x, self.decode(z))
+
+
+def build_model(cfg: DictConfig, uses_encoder: bool, pixel_means: torch.Tensor | None = None) -> LatentVariableModel:
+    """Every layer is sized from cfg.K and cfg.model; the encoder mirrors the decoder unless set."""
+    m = cfg.model
+    decoder = Decoder(cfg.K, m.hidden, m.depth, m.activation, pixel_means)
+    encoder = None
+    if uses_encoder:
+        hidden = m.encoder_hidden if m.encoder_hidden is not None else m.hidden
+        depth = m.encoder_depth if m.encoder_depth is not None else m.depth
+        encoder = Encoder(cfg.K, hidden, depth, m.activation)
+    return LatentVariableModel(cfg.K, decoder, encoder)

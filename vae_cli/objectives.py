@@ -1,0 +1,87 @@
+"""Training objectives: a registry of small functions, each returning the loss to minimize
+(a negative bound on log p(x), nats per image) and its named terms.
+
+    jensen      E_{z~p(z)} log p(x|z) <= log p(x); the gap is KL(p(z) || p(z|x))
+    prior_iwae  log (1/S) sum_s p(x|z_s), z_s ~ p(z): the IWAE bound with the prior as proposal
+    elbo        E_q log p(x|z) - KL(q(z|x) || p(z)), q Gaussian from an encoder
+    iwae        log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), z_s ~ q(z|x)  (Burda et al. 2016, eq. 8)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vae_cli.models import LatentVariableModel, diagonal_normal_log_prob, kl_to_standard_normal, standard_normal_log_prob
+
+
+@dataclass(frozen=True)
+class Loss:
+    loss: torch.Tensor  # scalar to minimize
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, nats per image
+
+
+LossFn = Callable[[LatentVariableModel, torch.Tensor, int], Loss]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    uses_encoder: bool
+    terms: tuple[str, ...]  # column names it logs besides the loss
+    fn: LossFn
+
+    def __call__(self, model: LatentVariableModel, x: torch.Tensor, n_samples: int) -> Loss:
+        return self.fn(model, x, n_samples)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(name: str, uses_encoder: bool, terms: tuple[str, ...]) -> Callable[[LossFn], LossFn]:
+    def add(fn: LossFn) -> LossFn:
+        OBJECTIVES[name] = Objective(name, uses_encoder, terms, fn)
+        return fn
+
+    return add
+
+
+def log_mean_exp(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log (1/n) sum_i exp(t_i), stable where the exp underflows."""
+    return torch.logsumexp(t, dim) - math.log(t.shape[dim])
+
+
+@register("jensen", uses_encoder=False, terms=("lme",))
+def jensen(model: LatentVariableModel, x: torch.Tensor, n_samples: int) -> Loss:
+    """Minus the mean over prior samples of log p(x|z); `lme` is the log-mean-exp of the same samples."""
+    log_px_z = model.log_px_given_z(x, model.sample_prior(x.shape[0], n_samples))
+    return Loss(-log_px_z.mean(), {"lme": -log_mean_exp(log_px_z.detach()).mean()})
+
+
+@register("prior_iwae", uses_encoder=False, terms=("jensen",))
+def prior_iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int) -> Loss:
+    """Minus the log-mean-exp of p(x|z_s) over prior samples; `jensen` is the plain mean of the same samples."""
+    log_px_z = model.log_px_given_z(x, model.sample_prior(x.shape[0], n_samples))
+    return Loss(-log_mean_exp(log_px_z).mean(), {"jensen": -log_px_z.detach().mean()})
+
+
+@register("elbo", uses_encoder=True, terms=("recon", "kl"))
+def elbo(model: LatentVariableModel, x: torch.Tensor, n_samples: int) -> Loss:
+    """Minus the ELBO: reconstruction averaged over n_samples reparameterized draws plus the closed-form KL."""
+    mu, logvar = model.encode(x)
+    recon = -model.log_px_given_z(x, model.reparameterize(mu, logvar, n_samples)).mean()
+    kl = kl_to_standard_normal(mu, logvar).sum(-1).mean()
+    return Loss(recon + kl, {"recon": recon.detach(), "kl": kl.detach()})
+
+
+@register("iwae", uses_encoder=True, terms=("recon", "kl"))
+def iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int) -> Loss:
+    """Minus the importance-weighted bound; recon + kl is minus the ELBO on the same draws."""
+    mu, logvar = model.encode(x)
+    z = model.reparameterize(mu, logvar, n_samples)
+    log_px_z = model.log_px_given_z(x, z)
+    log_w = log_px_z + standard_normal_log_prob(z) - diagonal_normal_log_prob(z, mu, logvar)
+    kl = kl_to_standard_normal(mu, logvar).sum(-1).mean()
+    return Loss(-log_mean_exp(log_w).mean(), {"recon": -log_px_z.detach().mean(), "kl": kl.detach()})
