@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.vae-cli-installed
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup train test bench clean
 
@@ -24,6 +25,11 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Steps per second against a plain reference step, the matmul floor, memory, eval seconds: bench.json.
+# BENCH_ARGS=--quick for a short run; see benchmarks/bench.py --help.
+bench: setup
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

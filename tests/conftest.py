@@ -28,6 +28,7 @@ TINY = [
     "n_train_iters=5",
     "progress=false",
     "device=cpu",
+    "eval.enabled=false",  # the end-of-training evaluation is tested on its own in test_eval.py
 ]
 BIN = Path(sys.executable).parent
 

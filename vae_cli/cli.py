@@ -31,18 +31,51 @@ def one_line(exc: BaseException) -> str:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Bad input: one line on stderr, exit code 2, no traceback. Bugs keep their traceback."""
+    """Bad input: one line on stderr, exit code 2, no traceback. Bugs keep their traceback.
+    A UserError says its own exit code (3 non-finite loss, 130/143 interrupted: vae_cli.errors)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         yield
     except Abort as abort:
-        print(f"vae-cli: error: {one_line(abort.error)}", file=sys.stderr)
+        print(f"vae-cli: {abort.error.prefix}{one_line(abort.error)}", file=sys.stderr)
         sys.exit(abort.error.exit_code)
-    except (UserError, HydraException, OmegaConfBaseException) as exc:
+    except UserError as exc:
+        print(f"vae-cli: {exc.prefix}{one_line(exc)}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (HydraException, OmegaConfBaseException) as exc:
         print(f"vae-cli: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and says how to resume)
+        print("vae-cli: interrupted (SIGINT)", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse, as one UserError line, what Hydra would answer with a usage block or a traceback:
+    an unknown flag, an override without a key (`=3`), and --experimental-rerun (it unpickles a file)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args_parser = get_args_parser()
+
+    def error(message: str) -> None:
+        raise UserError(f"{message} (see vae-train --help)")
+
+    args_parser.error = error  # type: ignore[method-assign]
+    args = args_parser.parse_args(argv)
+    if args.experimental_rerun is not None:
+        raise UserError("--experimental-rerun is not supported (it unpickles a file); continue a run with vae-train resume=RUN_DIR")
+    parser = OverridesParser.create()
+    for line in args.overrides:
+        try:
+            (override,) = parser.parse_overrides([line])
+        except OverrideParseException as exc:  # Hydra's message shows only the bad part: name the whole override
+            raise UserError(f"malformed override {line!r}: {' '.join(str(exc).split())}") from None
+        if not override.key_or_group.strip("/."):
+            raise UserError(f"malformed override {line!r}: expected key=value")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://vae_cli.conf", config_name="config")
@@ -59,24 +92,73 @@ def train_main() -> None:
     # Hydra re-raises instead of printing its own multi-line report; user_errors prints one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     with user_errors():
+        check_command_line(sys.argv[1:])
         _train_app()
 
 
 def plot_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vae-plot", description="Redraw the figures of vae-train run directories.")
-    parser.add_argument("paths", nargs="+", type=Path, help="run directories")
-    parser.add_argument("--out", type=Path, default=None, help="write figures here instead of into each run directory")
+    parser = argparse.ArgumentParser(
+        prog="vae-plot",
+        description="Redraw the figures of vae-train runs; for a multirun directory or several runs, "
+        "also the comparison figures, comparison.csv/.md and a report.md.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="run directories or multirun directories")
+    parser.add_argument(
+        "--out", type=Path, default=None,
+        help="write here instead of into the run (or multirun) directory; several paths default to ./vae-plot/DATE/TIME",
+    )
     args = parser.parse_args(argv)
-    from vae_cli.replot import redraw_run
+    from vae_cli.replot import plot
 
-    done = 0
+    result = plot(args.paths, args.out)
+    for line in result.skipped:
+        print(f"vae-plot: skipped {' '.join(line.split())}", file=sys.stderr)
+    for run in result.runs:
+        for note in run.notes:
+            print(f"vae-plot: note: {run.run.path}: {' '.join(note.split())}", file=sys.stderr)
+        print(f"vae-plot: {run.run.path} -> {run.out_dir} ({', '.join(f.path.name for f in run.figures)})")
+    if result.figures:
+        print(f"vae-plot: comparison of {len(result.runs)} runs -> {result.out_dir} "
+              f"({', '.join(p.name for p in [*result.tables, *(f.path for f in result.figures)])})")
+    if result.report is not None:
+        print(f"vae-plot: report -> {result.report}")
+    if result.plotted == 0:
+        print("vae-plot: error: nothing could be plotted", file=sys.stderr)
+        sys.exit(2)
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vae-eval",
+        description="Estimate the test-set log p(x) of vae-train runs (quadrature for K <= 2, importance sampling, "
+        "prior Monte Carlo) next to the Jensen bound, the ELBO and IWAE-k; writes eval.json into each run directory "
+        "and the headline numbers into its summary.json.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--n-images", type=int, help="only the first N test images (default: all)")
+    parser.add_argument("--importance-k", type=int, help="draws from q(z|x) per image (default: 5000 on CUDA, 1000 on the CPU)")
+    parser.add_argument("--quadrature-points", type=int, help="grid points in all, for K <= 2 (default: 65536)")
+    parser.add_argument("--prior-mc-samples", type=int, help="prior draws shared by every image (default: 10000)")
+    parser.add_argument("--batch-size", type=int, help="images per pass (default: 1000); results do not depend on it")
+    parser.add_argument("--data-root", help="read the test set from here instead of the run's data.root")
+    args = parser.parse_args(argv)
+    from vae_cli.evaluate import EVAL, eval_config, evaluate_run, format_table
+
+    keys = ("n_images", "importance_k", "quadrature_points", "prior_mc_samples", "batch_size")
+    overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    with user_errors():
+        eval_config(None, overrides)  # a bad option fails once, before any run is loaded
+    failed = 0
     for path in args.paths:
         try:
-            out = redraw_run(path, args.out / path.name if args.out else path)
+            result = evaluate_run(path, args.device, overrides, args.data_root)
         except UserError as exc:
-            print(f"vae-plot: skipped {path}: {one_line(exc)}", file=sys.stderr)
+            message = one_line(exc)
+            print(f"vae-eval: error: {message if str(path) in message else f'{path}: {message}'}", file=sys.stderr)
+            failed += 1
             continue
-        print(f"vae-plot: {path} -> {out}")
-        done += 1
-    if done == 0:
+        print(f"vae-eval: {path} ({result['objective']}) -> {path / EVAL}")
+        print(format_table(result))
+    if failed:
         sys.exit(2)

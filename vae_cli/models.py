@@ -11,7 +11,15 @@ from torch import nn
 
 N_PIXELS = 28 * 28
 PIXEL_MEAN_CLAMP = 1e-4  # keeps the logit of never-seen pixels finite
-ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+# ELU and ReLU run in place on the Linear output they follow (Linear's backward does not need
+# its output): one (rows, hidden) buffer per layer instead of two, and the backward reads the result.
+ACTIVATIONS = {
+    "elu": lambda: nn.ELU(inplace=True),
+    "relu": lambda: nn.ReLU(inplace=True),
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -24,12 +32,46 @@ def mlp(sizes: list[int], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class _BernoulliLogLikelihood(torch.autograd.Function):
+    """sum_d x_d l_d - softplus(l_d) with its gradient written out: d/dl = x - sigmoid(l).
+
+    Autograd's graph of the same formula keeps the einsum's (B, ..., D) outer product and the
+    softplus gradient, and adds them: three (B, ..., D) tensors in the backward. This one fills
+    a single buffer in place. Under CUDA autocast it runs in float32 (bf16 logits upcast)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, logits)
+        return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, logits = ctx.saved_tensors
+        x_b = x.view(x.shape[0], *[1] * (logits.dim() - 2), x.shape[-1])  # (B, 1.., D)
+        grad_x = grad_logits = None
+        if ctx.needs_input_grad[1]:
+            grad_logits = torch.sigmoid(logits)
+            grad_logits.sub_(x_b).mul_(grad.unsqueeze(-1).neg())  # g (x - sigmoid(l))
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.einsum("b...d,b...->bd", logits, grad)
+        return grad_x, grad_logits
+
+
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log p(x|z) = sum_d x_d l_d - softplus(l_d), for x (B, D) against logits (B, ..., D) -> (B, ...).
 
     The fused form of sum_d log Bern(x_d; sigmoid(l_d)): no probabilities, no distribution
-    objects, one (B, ..., D) temporary beyond the logits."""
-    return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+    objects; the forward's one (B, ..., D) temporary is the softplus, the backward's the gradient."""
+    return _BernoulliLogLikelihood.apply(x, logits)
+
+
+def bernoulli_log_likelihood_shared(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log p(x_b|z_s) = x_b . l_s - sum_d softplus(l_sd) for every pair: x (B, D), logits (S, D) -> (B, S).
+
+    Logits shared by the whole batch: one matrix product instead of B x S decoder passes."""
+    return x @ logits.T - F.softplus(logits).sum(-1)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
@@ -102,7 +144,19 @@ class LatentVariableModel(nn.Module):
 
     def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x_b | z_bs) for x (B, 784) and z (B, S, K) -> (B, S)."""
+        return self._log_px_given_z(x, z)
+
+    def _log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return bernoulli_log_likelihood(x, self.decode(z))
+
+    def log_px_given_shared_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x_b | z_s) for x (B, 784) and z (S, K) shared by every image -> (B, S)."""
+        return bernoulli_log_likelihood_shared(x, self.decode(z))
+
+    def compile_likelihood(self, **options) -> None:
+        """torch.compile the decoder and the likelihood of log_px_given_z as one graph (Inductor fuses
+        the bias, ELU, softplus and the gradient's element-wise work); compiled on first call."""
+        self._log_px_given_z = torch.compile(self._log_px_given_z, **options)
 
 
 def build_model(cfg: DictConfig, uses_encoder: bool, pixel_means: torch.Tensor | None = None) -> LatentVariableModel:

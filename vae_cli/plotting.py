@@ -1,8 +1,12 @@
-"""Figures of a run: loss curves, 8x8 grids of samples x ~ p(x|z) and of decoder means
-sigmoid(decoder(z)) for the same prior draws z. Headless (Agg); every PNG is written atomically."""
+"""Figures of one run: loss curves, 8x8 grids of samples x ~ p(x|z) and of decoder means
+sigmoid(decoder(z)) for the same prior draws z, and for K=2 the latent figures (the
+manifold of decoder means, the exact posterior p(z|x) on a grid, the encoded test set).
+Headless (Agg); every PNG is written atomically."""
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -11,42 +15,80 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.patches import Ellipse  # noqa: E402
 
-from vae_cli.models import LatentVariableModel  # noqa: E402
+from vae_cli.models import LatentVariableModel, bernoulli_log_likelihood, standard_normal_log_prob  # noqa: E402
 from vae_cli.rundir import atomic_write_bytes  # noqa: E402
 
 GRID = 8
 GRID_SEED = 2024  # the grids use their own generator: redrawing a run gives the same images
+TILE = 28
+PAD = 1
+DPI = 100
+TITLE_PX = 36  # two lines of 8-point text above an image grid
+Z_LIMIT = 3.0  # the latent figures cover z in [-Z_LIMIT, Z_LIMIT]^2
+MANIFOLD_GRID = 15  # decoder means on a 15x15 grid of z
+POSTERIOR_GRID = 101  # p(z|x) on a 101x101 grid (spacing 0.06)
+POSTERIOR_DIGITS = 5  # test digits shown next to the prior
 
 
-def save_figure(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path, tight: bool = True) -> None:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight" if tight else None)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, compact_png(buffer.getvalue()))
 
 
-def tile(images: torch.Tensor | np.ndarray, nrow: int = GRID, pad: int = 1) -> np.ndarray:
+def compact_png(png: bytes) -> bytes:
+    """Matplotlib's RGBA PNG as a 256-colour palette image: exact grey levels when the figure has
+    no colour, else a median-cut palette. A third of the bytes or less; readers still get RGB(A)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    rgb = np.asarray(image)
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        image = Image.frombytes("P", image.size, np.ascontiguousarray(rgb[..., 0]).tobytes())
+        image.putpalette([level for i in range(256) for level in (i, i, i)])
+    else:
+        image = image.quantize(256, method=Image.Quantize.MEDIANCUT)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def tile(images: torch.Tensor | np.ndarray, nrow: int = GRID, pad: int = PAD) -> np.ndarray:
     """(N, 784) images -> one (nrow*29+1, ncol*29+1) array with a grey border between tiles."""
-    images = np.asarray(images, dtype=np.float32).reshape(-1, 28, 28)
+    images = np.asarray(images, dtype=np.float32).reshape(-1, TILE, TILE)
     ncol = int(np.ceil(len(images) / nrow))
-    canvas = np.full((nrow * (28 + pad) + pad, ncol * (28 + pad) + pad), 0.5, dtype=np.float32)
+    canvas = np.full((nrow * (TILE + pad) + pad, ncol * (TILE + pad) + pad), 0.5, dtype=np.float32)
     for i, image in enumerate(images):
         r, c = divmod(i, ncol)
-        canvas[pad + r * (28 + pad) : pad + r * (28 + pad) + 28, pad + c * (28 + pad) : pad + c * (28 + pad) + 28] = image
+        top, left = pad + r * (TILE + pad), pad + c * (TILE + pad)
+        canvas[top : top + TILE, left : left + TILE] = image
     return canvas
 
 
-def save_grid(images: torch.Tensor | np.ndarray, path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(4.2, 4.6))
-    ax.imshow(tile(images), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(title, fontsize=9)
+def grid_pixels(n_rows: int, n_cols: int, scale: int) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG `save_grid` writes for an n_rows x n_cols grid."""
+    return (n_cols * (TILE + PAD) + PAD) * scale, (n_rows * (TILE + PAD) + PAD) * scale + TITLE_PX
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: Path, title: str, nrow: int = GRID, scale: int = 2) -> None:
+    """The tiled images pixel for pixel (each image pixel a scale x scale block) under a two-line title."""
+    canvas = tile(images, nrow)
+    h, w = canvas.shape[0] * scale, canvas.shape[1] * scale
+    fig = plt.figure(figsize=(w / DPI, (h + TITLE_PX) / DPI), dpi=DPI)
+    ax = fig.add_axes((0, 0, 1, h / (h + TITLE_PX)))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
     ax.axis("off")
-    save_figure(fig, path)
+    fig.text(0.5, 1 - 2 / (h + TITLE_PX), title, ha="center", va="top", fontsize=8)
+    save_figure(fig, path, tight=False)
 
 
 @torch.no_grad()
-def prior_draws(model: LatentVariableModel, n: int = GRID * GRID, seed: int = GRID_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+def prior_draws(
+    model: LatentVariableModel, n: int = GRID * GRID, seed: int = GRID_SEED
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder means sigmoid(decoder(z)) and binary samples x ~ p(x|z) for n fixed prior draws z ~ p(z)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, model.K, generator=g)
@@ -62,14 +104,172 @@ def save_sample_grids(model: LatentVariableModel, out_dir: Path, label: str) -> 
     save_grid(means, out_dir / "means.png", f"MEANS sigmoid(decoder(z)) (not samples), same z\n{label}")
 
 
+def moving_average(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over `window` steps (shorter at the start)."""
+    v = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def smoothing_window(n_steps: int) -> int:
+    return max(1, n_steps // 50)
+
+
 def save_loss_plot(losses: dict[str, list[float]], path: Path, label: str, note: str = "") -> None:
-    """The loss, and each objective term on its own axes below it."""
+    """The loss, and each objective term on its own axes below it: every step, and a moving average."""
     terms = [c for c in losses if c not in ("step", "loss")]
-    fig, axes = plt.subplots(1 + len(terms), 1, figsize=(6, 2.6 * (1 + len(terms))), sharex=True, squeeze=False)
+    window = smoothing_window(len(losses["step"]))
+    fig, axes = plt.subplots(1 + len(terms), 1, figsize=(6, 2.4 * (1 + len(terms))), sharex=True, squeeze=False)
     for ax, column in zip(axes[:, 0], ["loss", *terms]):
-        ax.plot(losses["step"], losses[column], lw=0.8)
+        ax.plot(losses["step"], losses[column], lw=0.6, alpha=0.4 if window > 1 else 1.0, color="C0",
+                label="every step")
+        if window > 1:
+            ax.plot(losses["step"], moving_average(losses[column], window), lw=1.2, color="C1",
+                    label=f"mean of {window} steps")
         ax.set_ylabel(f"{column} (nats)")
         ax.grid(alpha=0.3)
+    if window > 1:
+        axes[0, 0].legend(fontsize=7, loc="upper right")
     axes[0, 0].set_title(label + (f"\n{note}" if note else ""), fontsize=9)
     axes[-1, 0].set_xlabel("step")
+    save_figure(fig, path)
+
+
+# --- K=2: the latent space --------------------------------------------------------------------------
+
+
+def z_grid(n: int, limit: float = Z_LIMIT) -> torch.Tensor:
+    """(n*n, 2) points of an n x n grid over [-limit, limit]^2, row-major from the top left:
+    z1 grows left to right, z2 grows bottom to top (as on a plot)."""
+    axis = torch.linspace(-limit, limit, n)
+    z2, z1 = torch.meshgrid(axis.flip(0), axis, indexing="ij")
+    return torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=-1)
+
+
+@torch.no_grad()
+def save_manifold(model: LatentVariableModel, path: Path, label: str, n: int = MANIFOLD_GRID) -> None:
+    means = torch.sigmoid(model.decode(z_grid(n))).cpu()
+    title = f"MEANS sigmoid(decoder(z)), z on a {n}x{n} grid over [-{Z_LIMIT:g}, {Z_LIMIT:g}]^2 (z1 ->, z2 up)\n{label}"
+    save_grid(means, path, title, nrow=n, scale=1)
+
+
+@dataclass
+class GridPosterior:
+    """p(z|x) = p(x|z) p(z) / p(x) on the grid points, normalized over the grid in log space."""
+
+    axis: np.ndarray  # (n,) grid coordinates along each latent axis
+    log_prior: np.ndarray  # (n, n) log p(z_g) normalized over the grid; rows z2 (bottom to top), columns z1
+    log_posterior: np.ndarray  # (N, n, n) log p(z_g | x_i) normalized over the grid
+    log_px: np.ndarray  # (N,) quadrature estimate log sum_g p(x|z_g) p(z_g) dA
+
+
+@torch.no_grad()
+def grid_posterior(
+    model: LatentVariableModel, x: torch.Tensor, n: int = POSTERIOR_GRID, limit: float = Z_LIMIT
+) -> GridPosterior:
+    """The exact posterior of a K=2 model for each image in x (N, 784), evaluated on an n x n grid."""
+    axis = torch.linspace(-limit, limit, n)
+    z2, z1 = torch.meshgrid(axis, axis, indexing="ij")  # row index = z2 increasing, for origin="lower"
+    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=-1)
+    logits = model.decode(z)  # (G, 784), shared by every image
+    log_pz = standard_normal_log_prob(z)  # (G,)
+    log_joint = torch.stack([bernoulli_log_likelihood(xi[None], logits[None])[0] for xi in x.float()]) + log_pz
+    log_norm = torch.logsumexp(log_joint, dim=-1, keepdim=True)
+    cell = math.log(float(axis[1] - axis[0]) ** 2)
+    return GridPosterior(
+        axis=axis.numpy(),
+        log_prior=(log_pz - torch.logsumexp(log_pz, 0)).reshape(n, n).numpy(),
+        log_posterior=(log_joint - log_norm).reshape(len(x), n, n).numpy(),
+        log_px=(log_norm[:, 0] + cell).numpy(),
+    )
+
+
+def pick_digits(labels: torch.Tensor, n: int = POSTERIOR_DIGITS) -> list[int]:
+    """Indices of the first test image of each class 0, 1, ..., n-1 (the first images where a class is absent)."""
+    chosen: list[int] = []
+    for c in range(n):
+        hits = (labels == c).nonzero()
+        if len(hits):
+            chosen.append(int(hits[0]))
+    for i in range(len(labels)):
+        if len(chosen) >= min(n, len(labels)):
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return chosen
+
+
+@torch.no_grad()
+def save_posterior(model: LatentVariableModel, x: torch.Tensor, path: Path, label: str) -> None:
+    """Test digits over their exact posterior p(z|x) on a grid, next to the prior; q(z|x) as ellipses.
+    Fixed layout (no tight bbox): twelve small axes are slow to lay out."""
+    post = grid_posterior(model, x)
+    extent = (-Z_LIMIT, Z_LIMIT, -Z_LIMIT, Z_LIMIT)
+    q = model.encode(x.float()) if model.encoder is not None else None
+    n = len(x)
+    panel, gap, left, top, bottom = 1.3, 0.25, 0.35, 0.45, 0.3  # inches
+    width, height = left + (n + 1) * (panel + gap), top + 2 * panel + gap + bottom
+    fig = plt.figure(figsize=(width, height), dpi=DPI)
+
+    def axes(col: int, row: int) -> plt.Axes:  # row 0: images, row 1: densities
+        y0 = bottom + (1 - row) * (panel + gap)
+        return fig.add_axes((
+            (left + col * (panel + gap)) / width, y0 / height, panel / width, (panel if row else panel * 0.8) / height
+        ))
+
+    fig.text((left + panel / 2) / width, (bottom + 1.5 * panel + gap) / height, "prior p(z)\n(no image)",
+             ha="center", va="center", fontsize=8)
+    densities = [("p(z)", np.exp(post.log_prior))]
+    densities += [(f"p(z|x), log p(x)~{post.log_px[i]:.1f}", np.exp(post.log_posterior[i])) for i in range(n)]
+    for col, (title, density) in enumerate(densities):
+        ax = axes(col, 1)
+        ax.imshow(density, origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([-2, 0, 2])
+        ax.set_yticks([-2, 0, 2])
+        ax.tick_params(labelsize=6, length=2, pad=1, labelleft=col == 0)
+        if col == 0:
+            continue
+        image_ax = axes(col, 0)
+        image = x[col - 1].reshape(TILE, TILE).cpu().numpy()
+        image_ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        image_ax.axis("off")
+        if q is not None:
+            mu, sd = q[0][col - 1].cpu().numpy(), torch.exp(0.5 * q[1][col - 1]).cpu().numpy()
+            for k in (1, 2):
+                ax.add_patch(Ellipse(tuple(mu), 2 * k * sd[0], 2 * k * sd[1], fill=False, ec="white", lw=0.8,
+                                     ls="-" if k == 1 else "--"))
+            ax.set_xlim(-Z_LIMIT, Z_LIMIT)
+            ax.set_ylim(-Z_LIMIT, Z_LIMIT)
+    q_note = "; white: q(z|x) at 1 and 2 sd" if q is not None else ""
+    fig.suptitle(
+        f"exact posterior p(z|x) = p(x|z)p(z)/p(x) on a {POSTERIOR_GRID}x{POSTERIOR_GRID} grid over [-3, 3]^2{q_note}\n"
+        f"log p(x) by quadrature on the grid; {label}",
+        fontsize=8, y=1 - 0.08 / height, va="top",
+    )
+    save_figure(fig, path, tight=False)
+
+
+@torch.no_grad()
+def save_encoded(model: LatentVariableModel, x: torch.Tensor, labels: torch.Tensor, path: Path, label: str) -> None:
+    """The means of q(z|x) of the test set, coloured by digit."""
+    mu = torch.cat([model.encode(xc.float())[0] for xc in x.split(2048)]).cpu().numpy()
+    labels = labels.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for c in range(10):
+        sel = labels == c
+        if sel.any():
+            ax.scatter(mu[sel, 0], mu[sel, 1], s=1.5, alpha=0.5, color=plt.cm.tab10(c), label=str(c), rasterized=True)
+    ax.add_patch(plt.Circle((0, 0), 2, fill=False, ls="--", lw=0.8, color="0.4"))
+    ax.set_aspect("equal")
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.grid(alpha=0.3)
+    ax.legend(markerscale=6, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="digit", title_fontsize=7)
+    ax.set_title(f"encoded test set: means of q(z|x) for {len(mu):,} images (dashed: 2 sd of p(z))\n{label}",
+                 fontsize=8)
     save_figure(fig, path)

@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 import vae_cli
 from vae_cli.config import validate
 from vae_cli.data import load_data
-from vae_cli.errors import ConfigError, RunDirError
+from vae_cli.errors import ConfigError, NonFiniteError, RunDirError
 from vae_cli.models import N_PIXELS, build_model
 from vae_cli.objectives import OBJECTIVES, Objective
 from vae_cli.plotting import save_loss_plot, save_sample_grids
-from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, LossLog, mean_and_stderr, read_losses, save_checkpoint, write_json
+from vae_cli.resume import Checkpointer, StopSignals, check_finite, failure, prepare, write_stopped_summary
+from vae_cli.rundir import LOSSES, SUMMARY, LossLog, mean_and_stderr, read_losses, write_json
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +32,40 @@ def micro_batch_size(cfg: DictConfig, device: torch.device) -> int:
     """Images per forward/backward pass. Gradients are accumulated, so the step is the same."""
     if cfg.micro_batch > 0:
         return min(cfg.micro_batch, cfg.batch_size)
-    if device.type == "cuda":
+    if device.type == "cuda" or cfg.objective.get("shared_samples", False):  # shared: logits are (n_samples, 784)
         return cfg.batch_size
     return max(1, min(cfg.batch_size, CPU_MICRO_BATCH_ELEMENTS // (cfg.n_samples * N_PIXELS)))
 
 
-def train_step(model, optimizer, objective: Objective, x: torch.Tensor, n_samples: int, micro_batch: int) -> dict[str, float]:
-    """One optimizer step on the batch x: the loss is the batch mean, accumulated over micro-batches."""
+def train_step(model, optimizer, objective: Objective, x: torch.Tensor, n_samples: int, micro_batch: int,
+               options: Any = None, autocast: torch.dtype | None = None) -> dict[str, float]:
+    """One optimizer step on the batch x: the loss is the batch mean, accumulated over micro-batches.
+
+    `options` is the objective's config node; `autocast` a dtype for the forward pass (cuda.bf16)."""
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
     for xc in x.split(micro_batch):
         weight = len(xc) / len(x)
-        out = objective(model, xc, n_samples)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            out = objective(model, xc, n_samples, options)
         (out.loss * weight).backward()
         for name, value in {"loss": out.loss.detach(), **out.terms}.items():
             totals[name] = totals.get(name, 0.0) + value * weight
+    check_finite(totals, model)  # NonFiniteError before a NaN or Inf reaches the parameters
     optimizer.step()
     return {name: value.item() for name, value in totals.items()}
+
+
+def speed_options(cfg: DictConfig, device: torch.device) -> dict[str, bool]:
+    """The speed options of this run, as summary.json records them; sets TF32 matmuls on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg.cuda.tf32)
+    return {
+        "shared_samples": bool(cfg.objective.get("shared_samples", False)),
+        "compile": bool(cfg.compile),
+        "tf32": bool(cfg.cuda.tf32),
+        "bf16": bool(cfg.cuda.bf16),
+    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,52 +97,67 @@ def default_run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Train the model `cfg` describes, write every artifact into `run_dir`, return summary.json's dict."""
+def train(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train the model `cfg` describes, write every artifact into `run_dir`, return summary.json's dict.
+
+    With cfg.resume set, continue that run in place from its checkpoint with its saved config
+    (`overrides`, by default Hydra's task overrides, say which keys the command line changes)."""
     validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
-    if (run_dir / CHECKPOINT).exists() or (run_dir / LOSSES).exists():
-        raise RunDirError(f"{run_dir} already holds a run: refusing to overwrite it")
+    start_point = prepare(cfg, run_dir, overrides)  # refuses an occupied run dir; a resumed run's own config
+    cfg = start_point.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
 
     device = resolve_device(cfg.device)
+    # Importance weights drive most of prior_iwae's gradients towards zero, and denormal floats
+    # made its CPU step 5x slower (24 s vs 4.2 s here). Flushing changes values below 1e-38 only.
+    torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.seed, device)
     log.info("data: %s, %d training images, binarization %s", data.source, len(data.train), cfg.data.binarization)
     objective = OBJECTIVES[cfg.objective.name]
     model = build_model(cfg, objective.uses_encoder, data.pixel_means).to(device)
+    speed = speed_options(cfg, device)
+    if cfg.compile:
+        model.compile_likelihood()
+    autocast = torch.bfloat16 if cfg.cuda.bf16 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    checkpoints = Checkpointer(run_dir, model, optimizer, cfg, device)
+    first_step = checkpoints.begin(start_point, run_dir / LOSSES)  # restores every RNG state last
     columns = ["step", "loss", *objective.terms]
     losses = LossLog(run_dir / LOSSES, columns)
     label = run_label(cfg)
     micro_batch = micro_batch_size(cfg, device)
+    facts = {"micro_batch": micro_batch, "device": describe_device(device), "data": data.source}
+
+    def stopped(status: str, step: int, extra: dict[str, Any]) -> None:  # summary.json of a run that stops early
+        write_stopped_summary(run_dir, cfg, status, step, facts, extra)
 
     start = time.perf_counter()
-    bar = tqdm(range(1, cfg.n_train_iters + 1), desc=cfg.objective.name, disable=not cfg.progress, unit="it")
+    bar = tqdm(range(first_step + 1, cfg.n_train_iters + 1), initial=first_step, total=cfg.n_train_iters,
+               desc=cfg.objective.name, disable=not cfg.progress, unit="it")
     try:
-        for step in bar:
-            row = {"step": step, **train_step(model, optimizer, objective, data.batch(cfg.batch_size), cfg.n_samples, micro_batch)}
-            losses.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.2f}", refresh=False)
-            if step % max(1, cfg.n_train_iters // 10) == 0 or step == cfg.n_train_iters:
-                log.info("step %d/%d loss %.3f", step, cfg.n_train_iters, row["loss"])
+        with StopSignals() as signals:
+            for step in bar:
+                if signals.received is not None:  # SIGINT, SIGTERM, preemption: checkpoint at step - 1
+                    signals.stop(checkpoints, step - 1, stopped)
+                try:
+                    x = data.batch(cfg.batch_size)
+                    row = {"step": step, **train_step(model, optimizer, objective, x, cfg.n_samples, micro_batch, cfg.objective, autocast)}
+                except NonFiniteError as exc:
+                    raise failure(exc, step, checkpoints, stopped) from None
+                losses.append(row)
+                checkpoints.maybe_save(step)
+                bar.set_postfix(loss=f"{row['loss']:.2f}", refresh=False)
+                if step % max(1, cfg.n_train_iters // 10) == 0 or step == cfg.n_train_iters:
+                    log.info("step %d/%d loss %.3f", step, cfg.n_train_iters, row["loss"])
     finally:
         losses.close()
         bar.close()
     train_seconds = time.perf_counter() - start
 
-    config = OmegaConf.to_container(cfg, resolve=True)
-    save_checkpoint(
-        run_dir / CHECKPOINT,
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": cfg.n_train_iters,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-            "config": config,
-            "vae_cli_version": vae_cli.__version__,
-        },
-    )
+    if checkpoints.step != cfg.n_train_iters:
+        checkpoints.save(cfg.n_train_iters)
     history = read_losses(run_dir / LOSSES)
     window = history["loss"][-FINAL_WINDOW:]
     final_loss, final_loss_stderr = mean_and_stderr(window)
@@ -135,13 +168,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "n_samples": cfg.n_samples,
         "batch_size": cfg.batch_size,
         "micro_batch": micro_batch,
+        "speed_options": speed,
         "steps": cfg.n_train_iters,
         "final_loss": final_loss,
         "final_loss_stderr": final_loss_stderr,
         "final_loss_window": len(window),
         "last_loss": history["loss"][-1],
         "train_seconds": train_seconds,
-        "it_per_s": cfg.n_train_iters / train_seconds,
+        "it_per_s": (cfg.n_train_iters - first_step) / train_seconds,
         "device": describe_device(device),
         "torch_version": torch.__version__,
         "vae_cli_version": vae_cli.__version__,
@@ -155,4 +189,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "%s: final loss %.2f +- %.2f nats (mean of last %d steps), %.2f it/s on %s; wrote %s",
         cfg.objective.name, final_loss, final_loss_stderr, len(window), summary["it_per_s"], summary["device"], run_dir,
     )
+    if cfg.eval.enabled:  # test-set log p(x) and the bounds' gaps: eval.json, headline numbers into summary.json
+        from vae_cli.evaluate import evaluate_and_save, headline
+
+        result = evaluate_and_save(model, data.test, cfg.eval, run_dir, objective=cfg.objective.name, data=data.source)
+        summary.update(headline(result))
     return summary

@@ -1,0 +1,539 @@
+"""make bench: vae-cli's training step against a plain reference step, and the matmul floor.
+
+For jensen, prior_iwae, elbo and iwae at the default config (batch 256, 128 samples, decoder
+2 -> 512 -> 512 -> 512 -> 784), steps per second of
+
+    reference       written straight from the formulas: torch.distributions Bernoulli(logits)
+                    .log_prob over a (batch, n_samples, 784) tensor, independent samples per
+                    image, a plain nn.Sequential, one forward and backward over the whole batch
+    vae-cli         vae_cli.training.train_step, as `vae-train` runs it
+    vae-cli shared  the same with objective.shared_samples=true (prior objectives only)
+    vae-cli compiled  with compile=true (--compile)
+
+timed in one process, one step of each variant per round (so a disturbance hits them all),
+warm-up excluded, medians. Also: FLOPs per step from the layer sizes (2mnk per forward matmul,
+backward twice the forward), this machine's matmul rate (a large float32 matmul timed in the
+same rounds), so the floor (FLOPs / rate) and the fraction of it reached; the matmul and
+non-matmul seconds of one profiled step; the peak memory of a step (a fresh subprocess per
+variant); the seconds of the quadrature and importance estimators. Writes bench.json.
+
+    python benchmarks/bench.py [--quick] [--compile] [--compare-shared SECONDS]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import distributions as dist
+from torch import nn
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+import vae_cli
+from vae_cli.config import register_configs, validate
+from vae_cli.models import N_PIXELS, build_model
+from vae_cli.objectives import OBJECTIVES
+from vae_cli.training import micro_batch_size, speed_options, train_step
+
+OBJECTIVE_NAMES = ("jensen", "prior_iwae", "elbo", "iwae")
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_mkl_linear"}
+MATMUL_SIZE = 2048  # the rate probe: (2048, 2048) @ (2048, 2048) in float32
+
+
+# --- configs and data ----------------------------------------------------------------------------
+
+
+def compose_config(overrides: list[str]):
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def load_batches(cfg, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, str]:
+    """n training batches, the training pixel means and the test images: MNIST when its files are
+    there, else random binary images (the speed does not depend on the pixel values)."""
+    from vae_cli.data import load_data
+    from vae_cli.errors import DataError
+
+    try:
+        data = load_data(cfg.data, cfg.seed, device)
+    except DataError as exc:
+        g = torch.Generator().manual_seed(0)
+        means = torch.rand(N_PIXELS, generator=g) * 0.5
+        batches = [torch.bernoulli(means.expand(cfg.batch_size, N_PIXELS), generator=g).to(device) for _ in range(n)]
+        test = torch.bernoulli(means.expand(1000, N_PIXELS), generator=g).to(device)
+        return batches, means.to(device), test, f"random binary images ({exc})"
+    return [data.batch(cfg.batch_size) for _ in range(n)], data.pixel_means, data.test, data.source
+
+
+# --- the reference step, straight from the formulas ----------------------------------------------
+
+
+def plain_mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ELU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+class Reference(nn.Module):
+    """Decoder (and encoder) as plain nn.Sequential; every density a torch.distributions object."""
+
+    def __init__(self, cfg, uses_encoder: bool):
+        super().__init__()
+        m = cfg.model
+        self.K = cfg.K
+        self.decoder = plain_mlp([cfg.K] + [m.hidden] * m.depth + [N_PIXELS])
+        self.encoder = plain_mlp([N_PIXELS] + [m.hidden] * m.depth + [2 * cfg.K]) if uses_encoder else None
+
+    def loss(self, name: str, x: torch.Tensor, S: int) -> torch.Tensor:
+        B = x.shape[0]
+        # validate_args=False: the default support check would add passes over (B, S, 784) to the reference.
+        prior = dist.Normal(torch.zeros(self.K, device=x.device), torch.ones(self.K, device=x.device), validate_args=False)
+        if self.encoder is None:
+            z = prior.sample((B, S))  # (B, S, K): independent samples per image
+        else:
+            mu, logvar = self.encoder(x).chunk(2, -1)
+            q = dist.Normal(mu, torch.exp(0.5 * logvar), validate_args=False)
+            z = q.rsample((S,)).transpose(0, 1)  # (B, S, K)
+        x_bsd = x.unsqueeze(1).expand(B, S, N_PIXELS)
+        log_px_z = dist.Bernoulli(logits=self.decoder(z), validate_args=False).log_prob(x_bsd).sum(-1)  # (B, S)
+        if name == "jensen":
+            return -log_px_z.mean()
+        if name == "prior_iwae":
+            return -(torch.logsumexp(log_px_z, 1) - math.log(S)).mean()
+        if name == "elbo":
+            kl = dist.kl_divergence(q, dist.Normal(torch.zeros_like(mu), torch.ones_like(mu), validate_args=False)).sum(-1)
+            return -(log_px_z.mean(1) - kl).mean()
+        log_w = log_px_z + prior.log_prob(z).sum(-1) - q.log_prob(z.transpose(0, 1)).sum(-1).T
+        return -(torch.logsumexp(log_w, 1) - math.log(S)).mean()
+
+
+# --- variants --------------------------------------------------------------------------------------
+
+
+class Variant:
+    """One way to run a training step; `step(x)` runs it, `pass_rows` is the decoder rows of one pass."""
+
+    def __init__(self, name: str, objective: str, cfg, device: torch.device, pixel_means: torch.Tensor,
+                 step: Callable[[torch.Tensor], Any], model: nn.Module, pass_rows: int, shared: bool):
+        self.name, self.objective, self.cfg, self.device = name, objective, cfg, device
+        self.step, self.model, self.pass_rows, self.shared = step, model, pass_rows, shared
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.first_step_s = math.nan
+        self.options = {"micro_batch": None}
+
+
+def make_variant(kind: str, objective: str, args, device: torch.device, pixel_means: torch.Tensor) -> Variant:
+    overrides = [f"objective={objective}", f"device={device.type}", "progress=false"]
+    if kind == "vae-cli shared":
+        overrides.append("objective.shared_samples=true")
+    if kind == "vae-cli compiled" or args.compile_all:
+        overrides.append("compile=true")
+    if device.type == "cuda":
+        overrides += [f"cuda.tf32={str(args.tf32).lower()}", f"cuda.bf16={str(args.bf16).lower()}"]
+    cfg = compose_config(overrides)
+    uses_encoder = OBJECTIVES[objective].uses_encoder
+    torch.manual_seed(0)
+    model = build_model(cfg, uses_encoder, pixel_means).to(device)
+    B, S = cfg.batch_size, cfg.n_samples
+    if kind == "reference":
+        ref = Reference(cfg, uses_encoder).to(device)
+        ref.decoder.load_state_dict(model.decoder.net.state_dict())  # the same start: the mean image
+        if uses_encoder:
+            ref.encoder.load_state_dict(model.encoder.net.state_dict())
+        opt = torch.optim.Adam(ref.parameters(), lr=cfg.lr)
+
+        def step(x: torch.Tensor) -> float:
+            opt.zero_grad(set_to_none=True)
+            loss = ref.loss(objective, x, S)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        v = Variant(kind, objective, cfg, device, pixel_means, step, ref, B * S, shared=False)
+        v.options = {"micro_batch": B}
+        return v
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    speed = speed_options(cfg, device)
+    if cfg.compile:
+        model.compile_likelihood()
+    mb = micro_batch_size(cfg, device)
+    autocast = torch.bfloat16 if cfg.cuda.bf16 else None
+    obj = OBJECTIVES[objective]
+
+    def step(x: torch.Tensor) -> float:
+        return train_step(model, opt, obj, x, S, mb, cfg.objective, autocast)["loss"]
+
+    shared = speed["shared_samples"]
+    v = Variant(kind, objective, cfg, device, pixel_means, step, model, S if shared else mb * S, shared)
+    v.options = {"micro_batch": mb, **speed}
+    return v
+
+
+def variant_kinds(objective: str, args) -> list[str]:
+    kinds = ["reference", "vae-cli"]
+    if not OBJECTIVES[objective].uses_encoder:
+        kinds.append("vae-cli shared")
+    if args.compile:
+        kinds.append("vae-cli compiled")
+    return kinds
+
+
+# --- FLOPs, the matmul rate, memory ----------------------------------------------------------------
+
+
+def mlp_flops(rows: int, sizes: list[int]) -> int:
+    return 2 * rows * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def step_flops(cfg, uses_encoder: bool, shared: bool) -> int:
+    """Matmul FLOPs of one step: forward 2mnk per product, backward twice the forward."""
+    m, B, S = cfg.model, cfg.batch_size, cfg.n_samples
+    forward = mlp_flops(S if shared else B * S, [cfg.K] + [m.hidden] * m.depth + [N_PIXELS])
+    if shared:
+        forward += 2 * B * S * N_PIXELS  # x @ logits.T
+    if uses_encoder:
+        hidden = m.encoder_hidden or m.hidden
+        forward += mlp_flops(B, [N_PIXELS] + [hidden] * (m.encoder_depth or m.depth) + [2 * cfg.K])
+    return 3 * forward
+
+
+def memory_budget(cfg, pass_rows: int) -> int:
+    """1.5x the logits of one forward pass plus the activations its backward needs (every Linear's input), bytes."""
+    m = cfg.model
+    logits = pass_rows * N_PIXELS * 4
+    activations = pass_rows * (cfg.K + m.hidden * m.depth) * 4
+    return int(1.5 * logits + activations)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_matmul(device: torch.device, a: torch.Tensor, b: torch.Tensor) -> float:
+    sync(device)
+    start = time.perf_counter()
+    a @ b
+    sync(device)
+    return time.perf_counter() - start
+
+
+def rss_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def memory_probe(args) -> None:
+    """Subprocess mode: the peak memory one step adds over the state before it (parameters,
+    optimizer state, the batch), after one warm-up step. CPU: the resident-set high-water mark
+    (VmHWM, reset through /proc/self/clear_refs) after malloc_trim hands freed heap back; CUDA:
+    torch.cuda.max_memory_allocated."""
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    cfg = compose_config([f"objective={args.memory_probe[0]}", f"device={device.type}"])
+    batches, means, _, _ = load_batches(cfg, 2, device)
+    v = make_variant(args.memory_probe[1], args.memory_probe[0], args, device, means)
+    v.step(batches[0])
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        v.step(batches[1])
+        peak = torch.cuda.max_memory_allocated(device) - before
+        what = "torch.cuda.max_memory_allocated over the step"
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        before = rss_bytes("VmRSS")
+        v.step(batches[1])
+        peak = rss_bytes("VmHWM") - before
+        what = "resident-set high-water mark over the step (VmHWM - VmRSS before it)"
+    print(json.dumps({"peak_bytes": peak, "measures": what}))
+
+
+def measure_memory(objective: str, kind: str, args) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--memory-probe", objective, kind, "--device", args.device]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--compile"] if kind == "vae-cli compiled" else []
+    cmd += ["--tf32"] if args.tf32 else []
+    cmd += ["--bf16"] if args.bf16 else []
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError) as exc:
+        return {"peak_bytes": None, "measures": f"probe failed: {exc}"}
+
+
+# --- profile: matmul vs everything else -------------------------------------------------------------
+
+
+def profile_split(v: Variant, x: torch.Tensor) -> dict[str, Any]:
+    """Seconds of one step in matrix products (self time of the mm family) and in everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if v.device.type != "cpu":
+        return {"note": "the split is profiled on the CPU only"}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        v.step(x)
+        total = time.perf_counter() - start
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    matmul = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS) / 1e6
+    top = {e.key: round(e.self_cpu_time_total / 1e6, 4) for e in ops[:10]}
+    return {"profiled_s": total, "matmul_s": matmul, "other_s": total - matmul, "other_over_matmul": (total - matmul) / matmul,
+            "top_ops_self_s": top}
+
+
+# --- evaluation estimators --------------------------------------------------------------------------
+
+
+def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.device, n_images: int) -> dict[str, Any]:
+    try:
+        from vae_cli import estimators
+    except ImportError as exc:
+        return {"note": f"vae_cli.estimators is not available ({exc})"}
+    from vae_cli.evaluate import IMPORTANCE_K
+
+    cfg = compose_config(["objective=iwae", f"device={device.type}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, True, pixel_means).to(device)
+    x = test[:n_images]
+    k = IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
+    out: dict[str, Any] = {"n_images": len(x), "quadrature_points": 256**2, "importance_k": k}
+    with torch.inference_mode():
+        for name, fn in (("quadrature_s", lambda: estimators.log_px_quadrature(model, x, 256)),
+                         ("importance_s", lambda: estimators.log_px_importance(model, x, k))):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out[name] = time.perf_counter() - start
+            out[name.replace("_s", "_s_per_10k_images")] = out[name] * 10_000 / len(x)
+    return out
+
+
+# --- the benchmark -----------------------------------------------------------------------------------
+
+
+def run_bench(args) -> dict[str, Any]:
+    device = torch.device(args.device)
+    torch.set_flush_denormal(True)  # as vae_cli.training.train does, for every variant alike
+    cfg = compose_config([f"device={device.type}"])
+    batches, means, test, source = load_batches(cfg, args.rounds + args.warmup, device)
+    variants = [make_variant(kind, o, args, device, means) for o in args.objectives for kind in variant_kinds(o, args)]
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    matmul_s: list[float] = []
+    print(f"bench: {len(variants)} variants, {args.warmup} warm-up + {args.rounds} timed rounds on {describe(device)}; data: {source}",
+          flush=True)
+    for i in range(args.warmup):  # compile, allocator and first-touch costs
+        time_matmul(device, a, b)
+        for v in variants:
+            start = time.perf_counter()
+            v.step(batches[i])
+            sync(device)
+            if i == 0:
+                v.first_step_s = time.perf_counter() - start
+    for r in range(args.rounds):
+        matmul_s.append(time_matmul(device, a, b))
+        for v in variants:
+            x = batches[args.warmup + r]
+            sync(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            v.step(x)
+            sync(device)
+            v.wall.append(time.perf_counter() - wall)
+            v.cpu.append(time.process_time() - cpu)
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{v.objective}/{v.name} {v.wall[-1]:.3f}s" for v in variants), flush=True)
+    rate = 2 * MATMUL_SIZE**3 / statistics.median(matmul_s)
+
+    rows = []
+    reference = {v.objective: statistics.median(v.wall) for v in variants if v.name == "reference"}
+    for v in variants:
+        s = statistics.median(v.wall)
+        flops = step_flops(v.cfg, OBJECTIVES[v.objective].uses_encoder, v.shared)
+        row = {
+            "objective": v.objective, "variant": v.name, "s_per_step": s, "it_per_s": 1 / s,
+            "s_per_step_min": min(v.wall), "cpu_s_per_step": statistics.median(v.cpu),
+            "speedup_vs_reference": reference[v.objective] / s, "first_step_s": v.first_step_s,
+            "flops_per_step": flops, "floor_s": flops / rate, "fraction_of_floor": flops / rate / s,
+            "memory_budget_bytes": memory_budget(v.cfg, v.pass_rows), "pass_rows": v.pass_rows, "options": v.options,
+        }
+        if not args.no_profile:
+            row["profile"] = profile_split(v, batches[-1])
+        if not args.no_memory:
+            row["memory"] = measure_memory(v.objective, v.name, args)
+        rows.append(row)
+        print(f"  measured {v.objective}/{v.name}", flush=True)
+    result = {
+        "vae_cli_version": vae_cli.__version__, "torch_version": torch.__version__, "python": platform.python_version(),
+        "device": describe(device), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "data": source, "quick": args.quick, "rounds": args.rounds, "warmup": args.warmup, "flush_denormal": True,
+        "config": {"batch_size": cfg.batch_size, "n_samples": cfg.n_samples, "K": cfg.K, "hidden": cfg.model.hidden,
+                   "depth": cfg.model.depth},
+        "cuda_options": {"tf32": args.tf32, "bf16": args.bf16, "compile": args.compile},
+        "matmul_rate_flops": rate, "matmul_probe": f"({MATMUL_SIZE}, {MATMUL_SIZE}) @ ({MATMUL_SIZE}, {MATMUL_SIZE}) float32, median over the rounds",
+        "steps": rows,
+    }
+    if not args.no_eval:
+        result["eval"] = eval_seconds(test, means, device, args.eval_images)
+    return result
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['device']}, torch {result['torch_version']}, load average {result['load_average'][0]:.1f}; "
+          f"matmul rate {result['matmul_rate_flops'] / 1e9:.0f} GFLOP/s; medians of {result['rounds']} rounds")
+    head = (f"{'objective':<11} {'variant':<17} {'s/step':>8} {'it/s':>7} {'vs ref':>7} {'GFLOP':>6} {'floor s':>8} "
+            f"{'of floor':>8} {'mm s':>6} {'other s':>7} {'oth/mm':>6} {'peak MB':>8} {'budget MB':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in result["steps"]:
+        p, m = r.get("profile", {}), r.get("memory", {})
+        peak = m.get("peak_bytes")
+        cells = [
+            f"{r['objective']:<11}", f"{r['variant']:<17}", f"{r['s_per_step']:8.3f}", f"{r['it_per_s']:7.2f}",
+            f"{r['speedup_vs_reference']:6.2f}x", f"{r['flops_per_step'] / 1e9:6.1f}", f"{r['floor_s']:8.3f}",
+            f"{r['fraction_of_floor']:7.0%} ", f"{p.get('matmul_s', math.nan):6.2f}", f"{p.get('other_s', math.nan):7.2f}",
+            f"{p.get('other_over_matmul', math.nan):6.2f}", f"{peak / 1e6 if peak is not None else math.nan:8.0f}",
+            f"{r['memory_budget_bytes'] / 1e6:9.0f}",
+        ]
+        print(" ".join(cells))
+    if "eval" in result:
+        e = result["eval"]
+        if "note" in e:
+            print(f"eval: {e['note']}")
+        else:
+            print(f"eval on {e['n_images']} test images: quadrature ({e['quadrature_points']} points) {e['quadrature_s']:.2f} s, "
+                  f"importance (k={e['importance_k']}) {e['importance_s']:.2f} s "
+                  f"(x{10_000 // e['n_images']} for the 10k test set)")
+
+
+# --- shared against independent samples at equal wall time ---------------------------------------------
+
+
+def compare_shared(args) -> dict[str, Any]:
+    """Train with independent and with shared prior samples, one step of each in turn, until each has
+    spent `seconds` in its own steps; then the final loss and the test log p(x) (quadrature)."""
+    from vae_cli import estimators
+    from vae_cli.rundir import mean_and_stderr
+
+    device = torch.device(args.device)
+    torch.set_flush_denormal(True)
+    cfg = compose_config([f"device={device.type}"])
+    from vae_cli.data import load_data
+
+    data = load_data(cfg.data, cfg.seed, device)
+    x_test = data.test[: args.eval_images]
+    out: dict[str, Any] = {"seconds_per_run": args.compare_shared, "data": data.source, "n_test_images": len(x_test),
+                           "device": describe(device), "runs": []}
+    for objective in ("jensen", "prior_iwae"):
+        runs = [make_variant(kind, objective, args, device, data.pixel_means) for kind in ("vae-cli", "vae-cli shared")]
+        spent = [0.0, 0.0]
+        losses: list[list[float]] = [[], []]
+        torch.manual_seed(1)
+        while min(spent) < args.compare_shared:
+            for i, v in enumerate(runs):
+                if spent[i] >= args.compare_shared:
+                    continue
+                x = data.batch(cfg.batch_size)
+                sync(device)
+                start = time.perf_counter()
+                losses[i].append(v.step(x))
+                sync(device)
+                spent[i] += time.perf_counter() - start
+        for i, v in enumerate(runs):
+            model = v.model
+            with torch.inference_mode():
+                log_px = estimators.log_px_quadrature(model, x_test, 256)
+                jensen = estimators.jensen_bound(model, x_test, points_per_dim=256)
+                test_loss = torch.stack([OBJECTIVES[objective](model, xb, cfg.n_samples).loss for xb in x_test.split(100)]).mean()
+            final, final_se = mean_and_stderr(losses[i][-50:])
+            lp, lp_se = mean_and_stderr(log_px.tolist())
+            run = {"objective": objective, "samples": "shared" if v.shared else "independent", "steps": len(losses[i]),
+                   "seconds": spent[i], "final_loss": final, "final_loss_stderr": final_se,
+                   "test_loss_independent_samples": test_loss.item(), "test_log_px": lp, "test_log_px_stderr": lp_se,
+                   "test_jensen": jensen.mean().item()}
+            out["runs"].append(run)
+            print(f"{objective:<11} {run['samples']:<12} {run['steps']:6d} steps in {run['seconds']:6.1f} s: final loss "
+                  f"{final:7.2f} +- {final_se:.2f}, test loss {run['test_loss_independent_samples']:7.2f}, "
+                  f"test log p(x) {lp:8.2f} +- {lp_se:.2f}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, fewer eval images")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, quick 1)")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVE_NAMES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="add a variant with compile=true")
+    parser.add_argument("--compile-all", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tf32", action="store_true", help="cuda.tf32=true for the vae-cli variants")
+    parser.add_argument("--bf16", action="store_true", help="cuda.bf16=true for the vae-cli variants")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--no-eval", action="store_true")
+    parser.add_argument("--eval-images", type=int, default=None, help="test images for the estimators (default 1000, quick 100)")
+    parser.add_argument("--compare-shared", type=float, default=None, metavar="SECONDS",
+                        help="instead: train independent and shared samples for SECONDS each, interleaved, and compare")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--memory-probe", nargs=2, metavar=("OBJECTIVE", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.quick else 10)
+    args.warmup = args.warmup or (1 if args.quick else 2)
+    args.eval_images = args.eval_images or (100 if args.quick else 1000)
+    args.objectives = [o for o in args.objectives.split(",") if o]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    if args.compare_shared is not None:  # into bench.json next to the step timings
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result["compare_shared"] = compare_shared(args)
+    else:
+        previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result = run_bench(args)
+        if "compare_shared" in previous:
+            result["compare_shared"] = previous["compare_shared"]
+        print_table(result)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/bin/sh
+# Remake the README's figures and tables with vae-plot, from the three full default runs and
+# (when SWEEP names its multirun directory) the small n_samples sweep:
+#
+#   vae-train objective=jensen     hydra.run.dir=runs/full-jensen       # K=2, 128 samples,
+#   vae-train objective=prior_iwae hydra.run.dir=runs/full-prior_iwae   # batch 256, 1000 steps
+#   vae-train objective=elbo       hydra.run.dir=runs/full-elbo
+#   vae-train -m +sweep=n_samples n_samples=1,8,32 n_train_iters=100 hydra.sweep.dir=runs/sweep-n_samples
+#   SWEEP=runs/sweep-n_samples sh docs/make_figures.sh runs
+#
+# vae-plot draws every figure into a scratch directory; the few the README shows are copied
+# into docs/full and docs/sweep (small palette PNGs, about 300 KB in all).
+set -eu
+runs=${1:-runs}
+docs=$(cd "$(dirname "$0")" && pwd)
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+vae-plot "$runs/full-jensen" "$runs/full-prior_iwae" "$runs/full-elbo" --out "$scratch/full"
+mkdir -p "$docs/full"
+for objective in jensen prior_iwae elbo; do
+  for figure in samples means posterior; do
+    cp "$scratch/full/full-$objective/$figure.png" "$docs/full/$objective-$figure.png"
+  done
+done
+cp "$scratch/full/full-elbo/encoded.png" "$docs/full/elbo-encoded.png"
+cp "$scratch/full/loss_curves.png" "$scratch/full/comparison.md" "$scratch/full/comparison.csv" "$docs/full/"
+
+if [ -n "${SWEEP:-}" ]; then
+  vae-plot "$SWEEP" --out "$scratch/sweep"
+  mkdir -p "$docs/sweep"
+  cp "$scratch/sweep/vs_n_samples.png" "$scratch/sweep/comparison.md" "$scratch/sweep/comparison.csv" "$docs/sweep/"
+fi
+du -ch "$docs"/full/* "$docs"/sweep/* 2>/dev/null | tail -1

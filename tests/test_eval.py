@@ -1,0 +1,199 @@
+"""evaluate(), eval.json, the end-of-training evaluation and vae-eval, on tiny models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose_config
+from vae_cli.cli import eval_main
+from vae_cli.config import validate
+from vae_cli.data import load_data
+from vae_cli.errors import ConfigError
+from vae_cli.evaluate import EVAL, evaluate
+from vae_cli.models import build_model
+from vae_cli.objectives import OBJECTIVES
+from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY
+from vae_cli.training import train
+
+# Cheap settings (the defaults take seconds even for tiny models on the CPU).
+CHEAP_EVAL = [
+    "eval.enabled=true",
+    "eval.quadrature_points=1024",
+    "eval.importance_k=64",
+    "eval.iwae_k=16",
+    "eval.prior_mc_samples=256",
+]
+
+
+def tiny_model(objective: str = "elbo", K: int = 2):
+    cfg = compose_config([f"objective={objective}", f"K={K}", *CHEAP_EVAL])
+    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, OBJECTIVES[objective].uses_encoder, data.pixel_means), data.test
+
+
+def numbers(result: dict) -> dict[str, float]:
+    """Every estimate and bound of an eval.json dict, flattened."""
+    out = {key: result[key] for key in ("log_px", "gap_jensen", "gap_elbo") if result[key] is not None}
+    out.update({f"estimate {name}": e["value"] for name, e in result["estimates"].items()})
+    out.update({f"bound {name}": b["value"] for name, b in result["bounds"].items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny elbo run trained with the end-of-training evaluation on: (run_dir, train's return value)."""
+    run_dir = tmp_path_factory.mktemp("run") / "elbo"
+    summary = train(compose_config(["objective=elbo", *CHEAP_EVAL]), run_dir=run_dir)
+    return run_dir, summary
+
+
+def test_training_writes_eval_json_and_the_headline_numbers(run):
+    run_dir, summary = run
+    result = json.loads((run_dir / EVAL).read_text())
+    assert result["estimator"] == "quadrature" and result["n_images"] == 64 and result["objective"] == "elbo"
+    assert list(result["estimates"]) == ["quadrature", "importance", "prior_mc"]
+    for entry in result["estimates"].values():
+        assert {"value", "stderr", "seconds", "settings"} <= set(entry)
+    assert result["estimates"]["importance"]["settings"]["k"] == 64
+    assert abs(result["estimates"]["quadrature"]["halving"]["change"]) < 0.01
+    assert set(result["bounds"]) == {"jensen", "elbo", "iwae_k"} and result["bounds"]["iwae_k"]["k"] == 16
+    assert result["log_px"] == result["estimates"]["quadrature"]["value"]
+    # A gap is the mean of per-image differences, so it is the difference of the means.
+    assert result["gap_jensen"] == pytest.approx(result["log_px"] - result["bounds"]["jensen"]["value"], abs=1e-6)
+    assert result["gap_elbo"] == pytest.approx(result["log_px"] - result["bounds"]["elbo"]["value"], abs=1e-6)
+    assert result["gap_jensen"] >= -1e-3 and result["gap_elbo"] > 0
+    assert result["gap_jensen_stderr"] < result["log_px_stderr"]  # paired differences
+    assert 0 <= result["active_units"] <= 2 and len(result["kl_per_dim"]) == 2
+    on_disk = json.loads((run_dir / SUMMARY).read_text())
+    for key in ("log_px", "log_px_stderr", "log_px_estimator", "gap_jensen", "gap_elbo", "eval_n_images"):
+        assert on_disk[key] == summary[key]
+    assert on_disk["log_px"] == result["log_px"] and on_disk["final_loss"] == summary["final_loss"]
+
+
+def test_vae_eval_reproduces_the_evaluation_from_the_run_files(run, capsys):
+    run_dir, _ = run
+    before = json.loads((run_dir / EVAL).read_text())
+    eval_main([str(run_dir)])
+    out = capsys.readouterr().out
+    assert "quadrature *" in out and "gap_elbo" in out and "bound iwae_16" in out
+    after = json.loads((run_dir / EVAL).read_text())
+    assert numbers(after) == pytest.approx(numbers(before), abs=1e-5)
+    eval_main([str(run_dir), "--n-images", "10", "--importance-k", "32"])
+    smaller = json.loads((run_dir / EVAL).read_text())
+    assert smaller["n_images"] == 10 and smaller["estimates"]["importance"]["settings"]["k"] == 32
+    assert json.loads((run_dir / SUMMARY).read_text())["eval_n_images"] == 10
+
+
+def test_results_do_not_depend_on_the_batch_size():
+    cfg, model, x = tiny_model()
+    results = [evaluate(model, x, OmegaConf.merge(cfg.eval, {"batch_size": b})) for b in (64, 7)]
+    assert numbers(results[1]) == pytest.approx(numbers(results[0]), abs=1e-4)
+
+
+def test_a_decoder_that_ignores_z_evaluates_to_the_exact_likelihood():
+    cfg, model, x = tiny_model()
+    with torch.no_grad():
+        model.decoder.net[0].weight.zero_()  # the hidden layers, and so the logits, no longer depend on z
+        model.encoder.net[-1].weight.zero_()  # q(z|x) = N(0, I) = p(z)
+        model.encoder.net[-1].bias.zero_()
+        logits = model.decode(torch.zeros(1, cfg.K))[0]
+        exact = (x @ logits - torch.nn.functional.softplus(logits).sum()).mean().item()
+    result = evaluate(model, x, cfg.eval)
+    for name, value in numbers(result).items():
+        assert value == pytest.approx(0.0 if name.startswith("gap") else exact, abs=2e-3), name
+    assert result["active_units"] == 0
+    assert result["estimates"]["quadrature"]["halving"]["change"] == pytest.approx(0, abs=1e-4)
+
+
+def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
+    import vae_cli.evaluate as evaluate_module
+
+    cfg, model, x = tiny_model("jensen")
+    weighted_sums, seen = evaluate_module.weighted_sums, []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return weighted_sums(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "weighted_sums", spy)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as training with cuda.tf32=true leaves it
+    try:
+        evaluate(model, x, OmegaConf.merge(cfg.eval, {"n_images": 4}))
+        assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize(
+    "objective, K, estimator",
+    [("jensen", 2, "quadrature"), ("jensen", 3, "prior_mc"), ("elbo", 3, "importance"), ("iwae", 1, "quadrature")],
+)
+def test_log_px_names_the_best_available_estimator(objective, K, estimator):
+    cfg, model, x = tiny_model(objective, K)
+    result = evaluate(model, x, OmegaConf.merge(cfg.eval, {"n_images": 8}))
+    assert result["estimator"] == estimator and result["n_images"] == 8
+    assert ("importance" in result["estimates"]) == OBJECTIVES[objective].uses_encoder
+    assert ("quadrature" in result["estimates"]) == (K <= 2)
+    assert (result["gap_elbo"] is None) == (not OBJECTIVES[objective].uses_encoder)
+    assert result["bounds"]["jensen"]["method"].startswith("quadrature" if K <= 2 else "mean over")
+
+
+def test_bad_eval_settings_are_refused_with_one_line(run, capsys):
+    for override, key in (("eval.batch_size=0", "eval.batch_size"), ("eval.importance_k=-5", "eval.importance_k"),
+                          ("eval.quadrature_points=4", "eval.quadrature_points")):
+        with pytest.raises(ConfigError, match=key):
+            validate(compose_config([override]))
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(run[0]), "--n-images", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval.n_images" in err
+
+
+def test_broken_run_directories_get_one_line_each(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    running = tmp_path / "running"
+    running.mkdir()
+    (running / LOSSES).write_text("step,loss\n1,200.0\n")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(p) for p in (tmp_path / "missing", empty, running, corrupt)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("vae-eval: error: ") for line in lines)
+    assert "is not a directory" in lines[0]
+    assert "not a vae-train run directory" in lines[1]
+    assert "training has not finished" in lines[2]
+    assert "checkpoint" in lines[3] and "Traceback" not in "".join(lines)
+
+
+def test_vae_eval_is_an_installed_console_script():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "vae-eval"]
+    assert script.value == "vae_cli.cli:eval_main" and script.load() is eval_main
+
+
+@pytest.mark.mnist
+def test_the_mean_image_model_scores_205_8_nats_on_mnist(mnist_root):
+    """The decoder starts at the mean-image model; with its weights zeroed it stays there, and every
+    estimator must give the factorized Bernoulli likelihood of the binarized test set."""
+    cfg = compose_config(["objective=jensen", "data=mnist", f"data.root={mnist_root}", "model.hidden=8", "model.depth=1",
+                          "eval.quadrature_points=64", "eval.prior_mc_samples=16"])
+    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+    model = build_model(cfg, False, data.pixel_means)
+    with torch.no_grad():
+        model.decoder.net[-1].weight.zero_()
+    result = evaluate(model, data.test, cfg.eval)
+    assert result["n_images"] == 10_000
+    assert result["log_px"] == pytest.approx(-205.8, abs=0.05)
+    for name, value in numbers(result).items():
+        assert value == pytest.approx(0.0 if name.startswith("gap") else result["log_px"], abs=1e-3), name

@@ -1,0 +1,203 @@
+"""The fast paths compute what the plain formulas compute: the fused likelihood and its gradient,
+the in-place activations, shared prior samples, and the speed options' config checks.
+(No timings here: `make bench` measures them.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Bernoulli
+
+from vae_cli.config import validate
+from vae_cli.errors import ConfigError
+from vae_cli.models import (
+    Decoder,
+    LatentVariableModel,
+    bernoulli_log_likelihood,
+    bernoulli_log_likelihood_shared,
+    build_model,
+)
+from vae_cli.objectives import OBJECTIVES
+from vae_cli.training import micro_batch_size, train, train_step
+
+
+def plain_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """sum_d x_d l_d - softplus(l_d) through autograd's own graph."""
+    x = x.view(x.shape[0], *[1] * (logits.dim() - 2), x.shape[-1])
+    return (x * logits - F.softplus(logits)).sum(-1)
+
+
+def binary(*shape: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    return torch.bernoulli(torch.full(shape, 0.3, dtype=dtype), generator=torch.Generator().manual_seed(seed))
+
+
+def normal(*shape: int, seed: int = 1, dtype=torch.float32, scale: float = 3.0) -> torch.Tensor:
+    return scale * torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", [(3, 784), (3, 5, 784), (2, 3, 4, 784)])
+def test_fused_likelihood_values_match_torch_distributions(shape):
+    x, logits = binary(shape[0], 784, dtype=torch.float64), normal(*shape, dtype=torch.float64)
+    x_b = x.view(shape[0], *[1] * (len(shape) - 2), 784)
+    expected = Bernoulli(logits=logits).log_prob(x_b.expand(shape)).sum(-1)
+    torch.testing.assert_close(bernoulli_log_likelihood(x, logits), expected)
+
+
+def test_fused_likelihood_is_finite_for_extreme_logits():
+    x = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    logits = torch.tensor([[[-200.0, 200.0, 90.0, -90.0]]], requires_grad=True)
+    value = bernoulli_log_likelihood(x, logits)
+    value.sum().backward()
+    torch.testing.assert_close(value, torch.tensor([[-180.0]]))
+    torch.testing.assert_close(logits.grad, torch.tensor([[[0.0, 0.0, -1.0, 1.0]]]))
+
+
+def test_fused_likelihood_gradcheck_float64():
+    x = binary(2, 6, dtype=torch.float64).requires_grad_()
+    logits = normal(2, 3, 6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(bernoulli_log_likelihood, (x, logits))
+
+
+def test_fused_likelihood_gradient_matches_autograd_of_the_formula():
+    x, logits = binary(4, 784), normal(4, 16, 784)
+    upstream = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (bernoulli_log_likelihood, plain_log_likelihood):
+        leaf = logits.clone().requires_grad_()
+        (fn(x, leaf) * upstream).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_fused_likelihood_leaves_its_inputs_alone():
+    x, logits = binary(2, 784), normal(2, 3, 784).requires_grad_()
+    x0, l0 = x.clone(), logits.detach().clone()
+    bernoulli_log_likelihood(x, logits).sum().backward()
+    assert torch.equal(x, x0) and torch.equal(logits.detach(), l0)
+
+
+def test_shared_likelihood_is_the_likelihood_of_expanded_logits():
+    x, logits = binary(5, 784, dtype=torch.float64), normal(7, 784, dtype=torch.float64)
+    expected = plain_log_likelihood(x, logits.expand(5, 7, 784))
+    torch.testing.assert_close(bernoulli_log_likelihood_shared(x, logits), expected)
+
+
+@pytest.mark.parametrize("activation", ["elu", "relu", "tanh"])
+def test_in_place_activations_give_the_out_of_place_values_and_gradients(activation):
+    torch.manual_seed(0)
+    decoder = Decoder(2, 32, 3, activation)
+    plain = {"elu": nn.ELU, "relu": nn.ReLU, "tanh": nn.Tanh}[activation]  # out of place
+    ref_copy = Decoder(2, 32, 3, activation)
+    ref_copy.load_state_dict(decoder.state_dict())
+    reference = nn.Sequential(*[plain() if not isinstance(m, nn.Linear) else m for m in ref_copy.net])
+    z = torch.randn(6, 5, 2)
+    out, out_ref = decoder(z), reference(z)
+    torch.testing.assert_close(out, out_ref)
+    out.pow(2).sum().backward()
+    out_ref.pow(2).sum().backward()
+    for p, q in zip(decoder.parameters(), ref_copy.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+# --- shared prior samples ------------------------------------------------------------------------
+
+
+def tiny_prior_model() -> LatentVariableModel:
+    torch.manual_seed(0)
+    return LatentVariableModel(2, Decoder(2, 16, 2, "elu"))
+
+
+@pytest.mark.parametrize("name", ["jensen", "prior_iwae"])
+def test_shared_samples_use_one_set_of_draws_for_the_batch(name, make_cfg):
+    options = make_cfg([f"objective={name}", "objective.shared_samples=true"]).objective
+    model, x, S = tiny_prior_model(), binary(5, 784), 7
+    torch.manual_seed(3)
+    out = OBJECTIVES[name](model, x, S, options)
+    torch.manual_seed(3)
+    z = model.sample_prior(S)  # the same draws, decoded once and expanded to every image
+    log_px_z = plain_log_likelihood(x, model.decode(z).expand(5, S, 784))
+    if name == "jensen":
+        expected = -log_px_z.mean()
+    else:
+        expected = -(torch.logsumexp(log_px_z, 1) - torch.log(torch.tensor(float(S)))).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_shared_samples_decode_n_samples_latents_only(make_cfg):
+    model, x, rows = tiny_prior_model(), binary(6, 784), []
+    model.decoder.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape))
+    OBJECTIVES["jensen"](model, x, 4, make_cfg(["objective.shared_samples=true"]).objective)
+    OBJECTIVES["jensen"](model, x, 4, make_cfg([]).objective)
+    assert rows == [torch.Size([4, 2]), torch.Size([6, 4, 2])]
+
+
+def test_shared_samples_have_the_expectation_of_independent_samples(make_cfg):
+    """Both estimate E_z log p(x|z): their means over many draws agree within their noise."""
+    model, x = tiny_prior_model(), binary(4, 784)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        shared = torch.stack([OBJECTIVES["jensen"](model, x, 8, make_cfg(["objective.shared_samples=true"]).objective).loss
+                              for _ in range(200)])
+        independent = torch.stack([OBJECTIVES["jensen"](model, x, 8).loss for _ in range(200)])
+    se = (shared.var() / 200 + independent.var() / 200).sqrt()
+    assert abs(shared.mean() - independent.mean()) < 5 * se
+
+
+def test_train_step_with_shared_samples_uses_the_whole_batch(make_cfg):
+    cfg = make_cfg(["objective=prior_iwae", "objective.shared_samples=true", "n_samples=64", "batch_size=200"])
+    assert micro_batch_size(cfg, torch.device("cpu")) == cfg.batch_size
+    model = build_model(cfg, uses_encoder=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    row = train_step(model, optimizer, OBJECTIVES["prior_iwae"], binary(200, 784), 64, cfg.batch_size, cfg.objective)
+    assert set(row) == {"loss", "jensen"} and all(torch.isfinite(torch.tensor(v)) for v in row.values())
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["objective.shared_samples=true", "micro_batch=4"], "micro_batch=4"),
+        (["cuda.tf32=true"], "cuda.tf32"),
+        (["cuda.bf16=true"], "cuda.bf16"),
+        (["objective=elbo", "+objective.shared_samples=true"], "objective.shared_samples"),
+    ],
+)
+def test_speed_options_refused_where_they_do_not_apply(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(make_cfg(overrides))
+
+
+def test_encoder_objectives_have_no_shared_samples_key(make_cfg):
+    with pytest.raises(Exception, match="shared_samples"):
+        make_cfg(["objective=iwae", "objective.shared_samples=true"])
+
+
+def test_speed_options_default_off_and_are_recorded(make_cfg, tmp_path):
+    cfg = make_cfg(["objective.shared_samples=true", "n_train_iters=2", "eval.enabled=false"])
+    validate(cfg)
+    assert (cfg.compile, cfg.cuda.tf32, cfg.cuda.bf16) == (False, False, False)
+    assert make_cfg([]).objective.shared_samples is False
+    summary = train(cfg, run_dir=tmp_path / "run")
+    recorded = json.loads((tmp_path / "run" / "summary.json").read_text())["speed_options"]
+    assert recorded == summary["speed_options"] == {"shared_samples": True, "compile": False, "tf32": False, "bf16": False}
+
+
+@pytest.mark.slow
+def test_compiled_likelihood_matches_eager():
+    """torch.compile of the decoder and likelihood (compile=true): same values and gradients."""
+    model, x, z = tiny_prior_model(), binary(3, 784), torch.randn(3, 4, 2)
+    eager = model.log_px_given_z(x, z)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.compile_likelihood()
+    compiled = model.log_px_given_z(x, z)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-3)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)

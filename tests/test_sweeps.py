@@ -1,0 +1,113 @@
+"""Sweeps: the presets expand to the jobs Hydra will launch; a tiny preset multirun through the
+console script on the joblib launcher writes comparison.csv and vae-plot draws every figure of
+it; the submitit_local launcher runs real submitit jobs."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+from conftest import TINY, compose_config, run_cli
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
+
+from vae_cli.callbacks import sweep_job_overrides
+from vae_cli.plotting import MANIFOLD_GRID, grid_pixels
+
+TINY_NO_SAMPLES = [o for o in TINY if not o.startswith("n_samples=")]
+RUN_FILES = ("losses.csv", "summary.json", "checkpoint.pt", "loss.png", "samples.png", "means.png", "train.log")
+ENV = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread each is faster than fighting over the cores
+
+
+def job_overrides(overrides: list[str]) -> list[list[str]]:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            return sweep_job_overrides(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("preset, n_jobs", [("n_samples", 8), ("objectives", 4), ("K", 12)])
+def test_presets_expand_to_jobs_that_validate(preset, n_jobs):
+    from vae_cli.config import validate
+
+    jobs = job_overrides([f"+sweep={preset}", "data=synthetic"])
+    assert len(jobs) == n_jobs
+    assert len({tuple(sorted(j)) for j in jobs}) == n_jobs
+    validate(compose_config(jobs[-1]))
+
+
+def test_the_command_line_replaces_a_presets_values():
+    jobs = job_overrides(["+sweep=n_samples", "n_samples=4"])  # as `vae-train -m +sweep=n_samples n_samples=4`
+    assert sorted(j for job in jobs for j in job if j.startswith("n_samples")) == ["n_samples=4"] * 2
+
+
+def read_table(path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def check_jobs(sweep, n_jobs: int) -> list[dict[str, str]]:
+    for i in range(n_jobs):
+        for name in RUN_FILES:
+            assert (sweep / str(i) / name).stat().st_size > 0, f"job {i}: {name}"
+    table = read_table(sweep / "comparison.csv")
+    assert [row["run"] for row in table] == [str(i) for i in range(n_jobs)]
+    assert all(row["status"] == "completed" and float(row["final_loss"]) > 0 for row in table)
+    return table
+
+
+def image_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.load()
+        return image.size
+
+
+@pytest.mark.slow
+def test_preset_multirun_on_joblib_then_vae_plot(tmp_path):
+    """Two jobs at a time in joblib's worker processes (the basic launcher's multirun is in test_cli.py)."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["vae-train", "-m", "+sweep=n_samples", "objective=jensen", "n_samples=1,8",  # 2 of the preset's 8 jobs
+         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY_NO_SAMPLES, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = check_jobs(sweep, 2)
+    assert [(r["objective"], r["n_samples"]) for r in table] == [("jensen", "1"), ("jensen", "8")]
+
+    result = run_cli(["vae-plot", str(sweep)], cwd=tmp_path, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vae-plot:" not in result.stderr  # no run skipped, no figure left out
+    for i in range(2):
+        for name in ("loss.png", "samples.png", "means.png", "manifold.png", "posterior.png"):
+            assert min(image_size(sweep / str(i) / name)) > 100
+        assert image_size(sweep / str(i) / "samples.png") == grid_pixels(8, 8, scale=2)
+        assert image_size(sweep / str(i) / "manifold.png") == grid_pixels(MANIFOLD_GRID, MANIFOLD_GRID, scale=1)
+    for name in ("loss_curves.png", "vs_n_samples.png"):
+        assert min(image_size(sweep / name)) > 100
+    assert len(read_table(sweep / "comparison.csv")) == 2
+    md_rows = [line for line in (sweep / "comparison.md").read_text().splitlines() if line.startswith("| ")]
+    md_rows = [line for line in md_rows if "---" not in line]
+    assert len(md_rows) == 1 + 2
+    report = (sweep / "report.md").read_text()
+    links = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert len(links) == 2 + 2 * 5
+    assert all((sweep / link).is_file() for link in links)
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_real_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["vae-train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+         "objective=jensen,elbo", *TINY, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = check_jobs(sweep, 2)
+    assert [r["objective"] for r in table] == ["jensen", "elbo"]
+    logs = list((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2 and all("Job completed successfully" in log.read_text() for log in logs)

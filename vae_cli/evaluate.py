@@ -1,0 +1,298 @@
+"""Test-set log p(x) of a trained model, every estimator next to the bounds and their gaps.
+
+`evaluate(model, x, cfg_eval)` returns eval.json's dict; `evaluate_run(run_dir)` loads a run
+from its own files, evaluates it and writes eval.json (and the headline numbers into
+summary.json); training calls `evaluate_and_save` when it ends. Every number is a mean over
+the same test images with its standard error; a gap is the mean of per-image differences:
+
+    gap_jensen = log p(x) - E_p(z) log p(x|z)  = mean KL(p(z) || p(z|x))
+    gap_elbo   = log p(x) - ELBO               = mean KL(q(z|x) || p(z|x))
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import vae_cli
+from vae_cli.config import EvalConfig, validate_eval
+from vae_cli.errors import ConfigError, DataError, RunDirError
+from vae_cli.estimators import (
+    QUADRATURE_MAX_K,
+    encoder_statistics,
+    importance_sums,
+    model_device,
+    quadrature_grid,
+    weighted_sums,
+)
+from vae_cli.models import LatentVariableModel
+from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, mean_and_stderr, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+EVAL = "eval.json"
+IMPORTANCE_K = {"cuda": 5000, "cpu": 1000}  # draws per image when eval.importance_k is null
+ACTIVE_UNIT_THRESHOLD = 0.01  # a latent dimension is active when Var_x E_q[z_j] exceeds this
+# eval.json keys copied into summary.json, and their names there.
+HEADLINE = {
+    "log_px": "log_px",
+    "log_px_stderr": "log_px_stderr",
+    "estimator": "log_px_estimator",
+    "gap_jensen": "gap_jensen",
+    "gap_jensen_stderr": "gap_jensen_stderr",
+    "gap_elbo": "gap_elbo",
+    "gap_elbo_stderr": "gap_elbo_stderr",
+    "active_units": "active_units",
+    "n_images": "eval_n_images",
+}
+
+
+def mean_stderr(values: torch.Tensor) -> dict[str, float]:
+    value, stderr = mean_and_stderr(values.double().cpu().tolist())
+    return {"value": value, "stderr": stderr}
+
+
+def points_per_dim(total: int, K: int) -> int:
+    return max(2, int(round(total ** (1 / K))))
+
+
+@contextmanager
+def float32_matmuls():
+    """Full float32 matmuls while evaluating, even after training with TF32 ones (cuda.tf32=true):
+    TF32's 10-bit mantissa moves a sum of 784 logits by tenths of a nat."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class Stopwatch:
+    """Seconds since the last call, the device synchronized so queued GPU work is counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = time.perf_counter()
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+PerImage = dict[str, torch.Tensor]  # per-image values of estimators and bounds, by name
+Bounds = dict[str, dict[str, Any]]
+RunResult = tuple[dict[str, Any], PerImage, Bounds]  # an estimator's entry, its per-image values, its bounds
+
+
+def run_quadrature(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Stopwatch) -> RunResult:
+    """log p(x) and the Jensen bound on the grid, and again at twice the spacing to show convergence."""
+    n, width = points_per_dim(cfg_eval.quadrature_points, model.K), cfg_eval.quadrature_half_width
+    fine = weighted_sums(model, x, *quadrature_grid(model.K, n, width, x.device), cfg_eval.batch_size)
+    seconds = lap()
+    coarse = weighted_sums(model, x, *quadrature_grid(model.K, n // 2, width, x.device), cfg_eval.batch_size).log_px
+    entry = {**mean_stderr(fine.log_px), "seconds": seconds}
+    entry["settings"] = {"points_per_dim": n, "n_points": n**model.K, "half_width": width, "spacing": 2 * width / n}
+    coarse_value = mean_stderr(coarse)["value"]
+    change = entry["value"] - coarse_value
+    entry["halving"] = {"points_per_dim": n // 2, "value": coarse_value, "change": change, "seconds": lap()}
+    jensen = {**mean_stderr(fine.jensen), "method": f"quadrature, {n}^{model.K} grid"}
+    return entry, {"quadrature": fine.log_px, "jensen": fine.jensen}, {"jensen": jensen}
+
+
+def run_importance(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Stopwatch) -> RunResult:
+    """log p(x) with q(z|x) as proposal, and the ELBO and IWAE-k bound from the same draws."""
+    k = cfg_eval.importance_k or IMPORTANCE_K.get(x.device.type, IMPORTANCE_K["cpu"])
+    iwae_k = min(cfg_eval.iwae_k, k)
+    imp = importance_sums(model, x, k, iwae_k, cfg_eval.seed, cfg_eval.batch_size)
+    settings = {"k": k, "proposal": "q(z|x)", "seed": cfg_eval.seed}
+    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": settings}
+    bounds = {
+        "elbo": {**mean_stderr(imp.elbo), "method": f"{k} draws from q(z|x), closed-form KL"},
+        "iwae_k": {**mean_stderr(imp.iwae), "k": iwae_k, "method": f"mean over {k // iwae_k} groups of {iwae_k} draws"},
+    }
+    return entry, {"importance": imp.log_px, "elbo": imp.elbo}, bounds
+
+
+def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Stopwatch) -> RunResult:
+    """The log-mean-exp of p(x|z_s) over prior draws shared by every image, and the Jensen bound from them."""
+    S = cfg_eval.prior_mc_samples
+    z = model.sample_prior(S, generator=torch.Generator(device=x.device).manual_seed(cfg_eval.seed))
+    mc = weighted_sums(model, x, z, torch.full((S,), -math.log(S), device=x.device), cfg_eval.batch_size)
+    settings = {"n_samples": S, "shared": True, "seed": cfg_eval.seed}
+    entry = {**mean_stderr(mc.log_px), "seconds": lap(), "settings": settings}
+    jensen = {**mean_stderr(mc.jensen), "method": f"mean over {S} shared prior draws"}
+    return entry, {"prior_mc": mc.log_px, "jensen": mc.jensen}, {"jensen": jensen}
+
+
+def encoder_summary(model: LatentVariableModel, x: torch.Tensor, cfg_eval) -> dict[str, Any]:
+    """Active units (Var_x E_q[z_j] > 0.01) and the mean KL(q(z_j|x) || p(z_j)) per dimension."""
+    enc = encoder_statistics(model, x, cfg_eval.batch_size)
+    mean_variance = enc.mean.var(0)
+    edge = cfg_eval.quadrature_half_width - 1  # a grid misses mass of posteriors centred this close to its edge
+    near_edge = int((enc.mean.abs() > edge).any(-1).sum()) if model.K <= QUADRATURE_MAX_K else None
+    return {
+        "active_units": int((mean_variance > ACTIVE_UNIT_THRESHOLD).sum()),
+        "active_unit_threshold": ACTIVE_UNIT_THRESHOLD,
+        "posterior_mean_variance": mean_variance.tolist(),
+        "kl_per_dim": enc.kl.mean(0).tolist(),
+        "posterior_means_near_grid_edge": near_edge,
+    }
+
+
+@torch.no_grad()
+@float32_matmuls()
+def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: DictConfig | EvalConfig) -> dict[str, Any]:
+    """eval.json's dict for `model` on the test images `data_test` (N, 784); see the module docstring."""
+    x = data_test[: cfg_eval.n_images].to(model_device(model))
+    was_training = model.training
+    model.eval()
+    start, lap = time.perf_counter(), Stopwatch(x.device)
+    estimates: dict[str, dict[str, Any]] = {}
+    per_image: PerImage = {}
+    bounds: Bounds = {}
+    runs = [("quadrature", run_quadrature)] if model.K <= QUADRATURE_MAX_K else []
+    runs += [("importance", run_importance)] if model.encoder is not None else []
+    runs += [("prior_mc", run_prior_mc)]
+    for name, run in runs:
+        entry, values, new_bounds = run(model, x, cfg_eval, lap)
+        estimates[name] = entry
+        per_image = {**values, **per_image}  # the Jensen bound from the first (most exact) that gives it
+        bounds = {**new_bounds, **bounds}
+    estimator = runs[0][0]  # quadrature where K <= 2, else importance, else prior_mc
+
+    result: dict[str, Any] = {
+        "log_px": estimates[estimator]["value"],
+        "log_px_stderr": estimates[estimator]["stderr"],
+        "estimator": estimator,
+        "n_images": len(x),
+        "K": model.K,
+    }
+    for bound in ("jensen", "elbo"):  # gaps are means of per-image differences: paired, so their stderr is small
+        gap = {"value": None, "stderr": None}
+        if bound in per_image:
+            gap = mean_stderr(per_image[estimator] - per_image[bound])
+        result[f"gap_{bound}"], result[f"gap_{bound}_stderr"] = gap["value"], gap["stderr"]
+    result["estimates"] = estimates
+    result["bounds"] = {name: bounds[name] for name in ("jensen", "elbo", "iwae_k") if name in bounds}
+    if model.encoder is not None:
+        result.update(encoder_summary(model, x, cfg_eval))
+    result.update(seconds=time.perf_counter() - start, device=str(x.device), torch_version=torch.__version__,
+                  vae_cli_version=vae_cli.__version__)
+    model.train(was_training)
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers summary.json gains from eval.json."""
+    return {name: result[key] for key, name in HEADLINE.items() if key in result}
+
+
+def describe(name: str, entry: dict[str, Any], K: int) -> str:
+    s = entry["settings"]
+    if name == "quadrature":
+        return (f"{s['points_per_dim']}^{K} grid on [-{s['half_width']:g}, {s['half_width']:g}]^{K}; "
+                f"halving the spacing changes it by {entry['halving']['change']:+.4f}")
+    if name == "importance":
+        return f"k={s['k']} draws from q(z|x)"
+    return f"S={s['n_samples']} prior draws shared by all images"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One screen: each estimator and bound with its value, stderr and seconds, then the gaps."""
+    lines = [f"{'':<14}{'log p(x)':>11}{'stderr':>9}{'seconds':>9}  settings"]
+
+    def row(name: str, value: float, stderr: float, seconds: float | None, note: str) -> None:
+        lines.append(f"{name:<14}{value:11.3f}{stderr:9.4f}{'' if seconds is None else f'{seconds:.1f}':>9}  {note}")
+
+    for name, e in result["estimates"].items():
+        label = name + (" *" if name == result["estimator"] else "")
+        row(label, e["value"], e["stderr"], e["seconds"], describe(name, e, result["K"]))
+    for name, b in result["bounds"].items():
+        row(f"bound iwae_{b['k']}" if name == "iwae_k" else f"bound {name}", b["value"], b["stderr"], None, b["method"])
+    for bound, what in (("jensen", "KL(p(z) || p(z|x))"), ("elbo", "KL(q(z|x) || p(z|x))")):
+        if result[f"gap_{bound}"] is not None:
+            gap, stderr = result[f"gap_{bound}"], result[f"gap_{bound}_stderr"]
+            row(f"gap_{bound}", gap, stderr, None, f"log p(x) - {bound} = mean {what}")
+    units = f", active units {result['active_units']}/{result['K']}" if "active_units" in result else ""
+    lines.append(f"* log_px ({result['estimator']}) over {result['n_images']} test images, nats; "
+                 f"{result['seconds']:.1f} s on {result['device']}{units}")
+    if result.get("posterior_means_near_grid_edge"):
+        lines.append(f"warning: {result['posterior_means_near_grid_edge']} images have E_q[z] near the grid's edge: "
+                     "raise eval.quadrature_half_width")
+    return "\n".join(lines)
+
+
+def evaluate_and_save(
+    model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: DictConfig | EvalConfig, run_dir: Path, **context: Any
+) -> dict[str, Any]:
+    """evaluate(), then eval.json in run_dir (with `context`), the headline numbers merged into summary.json."""
+    run_dir = Path(run_dir)
+    result = {"run_dir": str(run_dir), **context, **evaluate(model, data_test, cfg_eval)}
+    write_json(run_dir / EVAL, result)
+    if (run_dir / SUMMARY).exists():
+        write_json(run_dir / SUMMARY, {**read_json(run_dir / SUMMARY), **headline(result)})
+    log.info("test-set log p(x) of %s:\n%s", run_dir, format_table(result))
+    return result
+
+
+def eval_config(saved: DictConfig | None, overrides: dict[str, Any] | None = None) -> DictConfig:
+    """The run's eval settings (defaults for runs from before eval existed) with `overrides`, checked."""
+    try:
+        cfg_eval = OmegaConf.merge(OmegaConf.structured(EvalConfig), saved or {}, overrides or {})
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid eval setting: {str(exc).splitlines()[0]}") from None
+    validate_eval(OmegaConf.create({"eval": cfg_eval}))
+    return cfg_eval
+
+
+def load_test_images(cfg: DictConfig, device: torch.device, data_root: str | None = None) -> tuple[torch.Tensor, str]:
+    """The run's binarized test set; a run trained elsewhere falls back to $VAE_CLI_DATA."""
+    from vae_cli.data import load_data
+
+    def load(root: str | None):
+        data_cfg = cfg.data if root is None else OmegaConf.merge(cfg.data, {"root": root})
+        return load_data(data_cfg, cfg.seed, device)
+
+    try:
+        data = load(data_root)
+    except DataError:
+        env_root = os.environ.get("VAE_CLI_DATA")
+        if data_root is not None or not env_root or cfg.data.name == "synthetic" or env_root == str(cfg.data.root):
+            raise
+        data = load(env_root)
+    return data.test, data.source
+
+
+def evaluate_run(
+    run_dir: Path, device: str = "auto", overrides: dict[str, Any] | None = None, data_root: str | None = None
+) -> dict[str, Any]:
+    """Evaluate a finished vae-train run from its own files; writes eval.json and updates summary.json."""
+    from vae_cli.replot import load_run_model
+    from vae_cli.training import resolve_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a directory")
+    if not (run_dir / CHECKPOINT).exists():
+        why = "not a vae-train run directory"
+        if (run_dir / LOSSES).exists():
+            why = "training has not finished (or was killed)"
+        raise RunDirError(f"{run_dir} has no {CHECKPOINT}: {why}")
+    cfg, model, _ = load_run_model(run_dir)
+    cfg_eval = eval_config(cfg.get("eval"), overrides)
+    torch_device = resolve_device(device)
+    x, source = load_test_images(cfg, torch_device, data_root)
+    return evaluate_and_save(model.to(torch_device), x, cfg_eval, run_dir, objective=cfg.objective.name, data=source)
+
