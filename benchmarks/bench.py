@@ -14,8 +14,9 @@ timed in one process, one step of each variant per round (so a disturbance hits 
 warm-up excluded, medians. Also: FLOPs per step from the layer sizes (2mnk per forward matmul,
 backward twice the forward), this machine's matmul rate (a large float32 matmul timed in the
 same rounds), so the floor (FLOPs / rate) and the fraction of it reached; the matmul and
-non-matmul seconds of one profiled step; the peak memory of a step (a fresh subprocess per
-variant); the seconds of the quadrature and importance estimators. Writes bench.json.
+non-matmul seconds of one profiled step; the peak memory of a step, as live tensor bytes (the
+profiler's memory timeline) and as resident memory (a fresh subprocess per variant); the
+seconds of the quadrature and importance estimators. Writes bench.json.
 
     python benchmarks/bench.py [--quick] [--compile] [--compare-shared SECONDS]
 """
@@ -31,11 +32,11 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import distributions as dist
 from torch import nn
 
@@ -131,24 +132,29 @@ class Reference(nn.Module):
 # --- variants --------------------------------------------------------------------------------------
 
 
+@dataclass
 class Variant:
-    """One way to run a training step; `step(x)` runs it, `pass_rows` is the decoder rows of one pass."""
+    """One way to run a training step on a batch: step(x) -> loss."""
 
-    def __init__(self, name: str, objective: str, cfg, device: torch.device, pixel_means: torch.Tensor,
-                 step: Callable[[torch.Tensor], Any], model: nn.Module, pass_rows: int, shared: bool):
-        self.name, self.objective, self.cfg, self.device = name, objective, cfg, device
-        self.step, self.model, self.pass_rows, self.shared = step, model, pass_rows, shared
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-        self.first_step_s = math.nan
-        self.options = {"micro_batch": None}
+    name: str
+    objective: str
+    cfg: Any
+    device: torch.device
+    step: Callable[[torch.Tensor], float]
+    model: nn.Module
+    pass_rows: int  # decoder rows of one forward pass (a micro-batch)
+    shared: bool
+    options: dict[str, Any]
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    first_step_s: float = math.nan
 
 
 def make_variant(kind: str, objective: str, args, device: torch.device, pixel_means: torch.Tensor) -> Variant:
     overrides = [f"objective={objective}", f"device={device.type}", "progress=false"]
     if kind == "vae-cli shared":
         overrides.append("objective.shared_samples=true")
-    if kind == "vae-cli compiled" or args.compile_all:
+    if kind == "vae-cli compiled":
         overrides.append("compile=true")
     if device.type == "cuda":
         overrides += [f"cuda.tf32={str(args.tf32).lower()}", f"cuda.bf16={str(args.bf16).lower()}"]
@@ -171,9 +177,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
             opt.step()
             return loss.item()
 
-        v = Variant(kind, objective, cfg, device, pixel_means, step, ref, B * S, shared=False)
-        v.options = {"micro_batch": B}
-        return v
+        return Variant(kind, objective, cfg, device, step, ref, B * S, False, {"micro_batch": B})
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     speed = speed_options(cfg, device)
     if cfg.compile:
@@ -186,9 +190,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
         return train_step(model, opt, obj, x, S, mb, cfg.objective, autocast)["loss"]
 
     shared = speed["shared_samples"]
-    v = Variant(kind, objective, cfg, device, pixel_means, step, model, S if shared else mb * S, shared)
-    v.options = {"micro_batch": mb, **speed}
-    return v
+    return Variant(kind, objective, cfg, device, step, model, S if shared else mb * S, shared, {"micro_batch": mb, **speed})
 
 
 def variant_kinds(objective: str, args) -> list[str]:
@@ -248,33 +250,47 @@ def rss_bytes(key: str) -> int:
     raise KeyError(key)
 
 
+def tensor_peak(v: Variant, x: torch.Tensor) -> dict[str, Any]:
+    """The peak of live tensor bytes during one step above those live before it (the parameters,
+    optimizer state and batch): CPU from the profiler's memory timeline, CUDA from the allocator."""
+    if v.device.type == "cuda":
+        torch.cuda.synchronize(v.device)
+        torch.cuda.reset_peak_memory_stats(v.device)
+        before = torch.cuda.memory_allocated(v.device)
+        v.step(x)
+        return {"peak_bytes": torch.cuda.max_memory_allocated(v.device) - before, "measures": "torch.cuda.max_memory_allocated"}
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        v.step(x)
+    live = peak = 0
+    for _, action, (key, _), size in prof._memory_profile().timeline:
+        if key.device.type != "cpu":
+            continue
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return {"peak_bytes": peak, "measures": "live tensor bytes above the step's start (profiler memory timeline)"}
+
+
 def memory_probe(args) -> None:
-    """Subprocess mode: the peak memory one step adds over the state before it (parameters,
-    optimizer state, the batch), after one warm-up step. CPU: the resident-set high-water mark
-    (VmHWM, reset through /proc/self/clear_refs) after malloc_trim hands freed heap back; CUDA:
-    torch.cuda.max_memory_allocated."""
+    """Subprocess mode: the peak resident memory one step adds over the state before it
+    (parameters, optimizer state, the batch), after one warm-up step: the resident-set
+    high-water mark (VmHWM, reset through /proc/self/clear_refs) after malloc_trim hands freed
+    heap back. It adds the allocator's slack to the live tensors."""
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
     cfg = compose_config([f"objective={args.memory_probe[0]}", f"device={device.type}"])
     batches, means, _, _ = load_batches(cfg, 2, device)
     v = make_variant(args.memory_probe[1], args.memory_probe[0], args, device, means)
     v.step(batches[0])
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        v.step(batches[1])
-        peak = torch.cuda.max_memory_allocated(device) - before
-        what = "torch.cuda.max_memory_allocated over the step"
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        before = rss_bytes("VmRSS")
-        v.step(batches[1])
-        peak = rss_bytes("VmHWM") - before
-        what = "resident-set high-water mark over the step (VmHWM - VmRSS before it)"
-    print(json.dumps({"peak_bytes": peak, "measures": what}))
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = rss_bytes("VmRSS")
+    v.step(batches[1])
+    peak = rss_bytes("VmHWM") - before
+    print(json.dumps({"peak_bytes": peak, "measures": "resident-set high-water mark over the step (VmHWM - VmRSS before it)"}))
 
 
 def measure_memory(objective: str, kind: str, args) -> dict[str, Any]:
@@ -334,7 +350,6 @@ def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.de
             fn()
             sync(device)
             out[name] = time.perf_counter() - start
-            out[name.replace("_s", "_s_per_10k_images")] = out[name] * 10_000 / len(x)
     return out
 
 
@@ -388,7 +403,9 @@ def run_bench(args) -> dict[str, Any]:
         if not args.no_profile:
             row["profile"] = profile_split(v, batches[-1])
         if not args.no_memory:
-            row["memory"] = measure_memory(v.objective, v.name, args)
+            row["memory"] = tensor_peak(v, batches[-1])
+            if v.device.type == "cpu" and sys.platform == "linux":
+                row["resident_memory"] = measure_memory(v.objective, v.name, args)
         rows.append(row)
         print(f"  measured {v.objective}/{v.name}", flush=True)
     result = {
@@ -416,18 +433,18 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['device']}, torch {result['torch_version']}, load average {result['load_average'][0]:.1f}; "
           f"matmul rate {result['matmul_rate_flops'] / 1e9:.0f} GFLOP/s; medians of {result['rounds']} rounds")
     head = (f"{'objective':<11} {'variant':<17} {'s/step':>8} {'it/s':>7} {'vs ref':>7} {'GFLOP':>6} {'floor s':>8} "
-            f"{'of floor':>8} {'mm s':>6} {'other s':>7} {'oth/mm':>6} {'peak MB':>8} {'budget MB':>9}")
+            f"{'of floor':>8} {'mm s':>6} {'other s':>7} {'oth/mm':>6} {'peak MB':>8} {'budget MB':>9} {'RSS MB':>7}")
     print(head)
     print("-" * len(head))
     for r in result["steps"]:
         p, m = r.get("profile", {}), r.get("memory", {})
-        peak = m.get("peak_bytes")
+        peak, rss = m.get("peak_bytes"), r.get("resident_memory", {}).get("peak_bytes")
         cells = [
             f"{r['objective']:<11}", f"{r['variant']:<17}", f"{r['s_per_step']:8.3f}", f"{r['it_per_s']:7.2f}",
             f"{r['speedup_vs_reference']:6.2f}x", f"{r['flops_per_step'] / 1e9:6.1f}", f"{r['floor_s']:8.3f}",
             f"{r['fraction_of_floor']:7.0%} ", f"{p.get('matmul_s', math.nan):6.2f}", f"{p.get('other_s', math.nan):7.2f}",
             f"{p.get('other_over_matmul', math.nan):6.2f}", f"{peak / 1e6 if peak is not None else math.nan:8.0f}",
-            f"{r['memory_budget_bytes'] / 1e6:9.0f}",
+            f"{r['memory_budget_bytes'] / 1e6:9.0f}", f"{rss / 1e6 if rss is not None else math.nan:7.0f}",
         ]
         print(" ".join(cells))
     if "eval" in result:
@@ -435,9 +452,8 @@ def print_table(result: dict[str, Any]) -> None:
         if "note" in e:
             print(f"eval: {e['note']}")
         else:
-            print(f"eval on {e['n_images']} test images: quadrature ({e['quadrature_points']} points) {e['quadrature_s']:.2f} s, "
-                  f"importance (k={e['importance_k']}) {e['importance_s']:.2f} s "
-                  f"(x{10_000 // e['n_images']} for the 10k test set)")
+            print(f"eval on {e['n_images']} test images: quadrature ({e['quadrature_points']} points, decoded once) "
+                  f"{e['quadrature_s']:.2f} s, importance (k={e['importance_k']} per image) {e['importance_s']:.2f} s")
 
 
 # --- shared against independent samples at equal wall time ---------------------------------------------
@@ -501,7 +517,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="add a variant with compile=true")
-    parser.add_argument("--compile-all", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tf32", action="store_true", help="cuda.tf32=true for the vae-cli variants")
     parser.add_argument("--bf16", action="store_true", help="cuda.bf16=true for the vae-cli variants")
     parser.add_argument("--no-profile", action="store_true")

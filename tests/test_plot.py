@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_config
@@ -16,7 +17,7 @@ from vae_cli import compare
 from vae_cli.cli import plot_main
 from vae_cli.errors import DataError
 from vae_cli.models import Decoder, LatentVariableModel, bernoulli_log_likelihood
-from vae_cli.plotting import MANIFOLD_GRID, grid_pixels, grid_posterior
+from vae_cli.plotting import MANIFOLD_GRID, GridPosterior, grid_pixels, grid_posterior, zoom_window
 from vae_cli.training import train
 
 LATENT_FIGURES = ("manifold.png", "posterior.png", "encoded.png")
@@ -186,3 +187,17 @@ def test_posterior_of_a_decoder_that_ignores_z_is_the_prior():
     log_px_z = bernoulli_log_likelihood(x, decoder(torch.zeros(3, 2)))
     mass = math.erf(3 / math.sqrt(2)) ** 2
     assert torch.allclose(torch.tensor(post.log_px).double(), log_px_z.double() + math.log(mass), atol=0.02)
+
+
+def test_zoom_window_resolves_a_sharp_posterior_and_keeps_a_broad_one():
+    n = 61
+    axis = np.linspace(-3, 3, n, dtype=np.float32)
+    spike = np.full((1, n, n), -np.inf, dtype=np.float32)
+    spike[0, 40, 10] = 0.0  # all the mass in one cell: z1 = axis[10], z2 = axis[40]
+    broad = np.log(np.full((1, n, n), 1.0 / n**2, dtype=np.float32))
+    flat_prior = broad[0]
+    (c1, c2), half = zoom_window(GridPosterior(axis, axis, flat_prior, spike, np.zeros(1)), 0)
+    assert math.isclose(c1, axis[10], abs_tol=1e-5) and math.isclose(c2, axis[40], abs_tol=1e-5)
+    assert math.isclose(half, 2 * (axis[1] - axis[0]), rel_tol=1e-5)
+    (c1, c2), half = zoom_window(GridPosterior(axis, axis, flat_prior, broad, np.zeros(1)), 0)
+    assert abs(c1) < 1e-5 and abs(c2) < 1e-5 and half == 3.0

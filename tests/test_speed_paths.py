@@ -38,7 +38,7 @@ def normal(*shape: int, seed: int = 1, dtype=torch.float32, scale: float = 3.0) 
     return scale * torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("shape", [(3, 784), (3, 5, 784), (2, 3, 4, 784)])
+@pytest.mark.parametrize("shape", [(3, 784), (3, 5, 784), (2, 3, 4, 784), (3, 200, 784)])  # the last in 3 chunks
 def test_fused_likelihood_values_match_torch_distributions(shape):
     x, logits = binary(shape[0], 784, dtype=torch.float64), normal(*shape, dtype=torch.float64)
     x_b = x.view(shape[0], *[1] * (len(shape) - 2), 784)
@@ -61,15 +61,28 @@ def test_fused_likelihood_gradcheck_float64():
     assert torch.autograd.gradcheck(bernoulli_log_likelihood, (x, logits))
 
 
-def test_fused_likelihood_gradient_matches_autograd_of_the_formula():
-    x, logits = binary(4, 784), normal(4, 16, 784)
-    upstream = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
-    grads = []
-    for fn in (bernoulli_log_likelihood, plain_log_likelihood):
+@pytest.mark.parametrize("S", [16, 200])  # one chunk, several chunks
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_fused_likelihood_gradient_matches_autograd_of_the_formula(S, overwrite):
+    x, logits = binary(4, 784), normal(4, S, 784)
+    upstream = torch.randn(4, S, generator=torch.Generator().manual_seed(2))
+    grads, values = [], []
+    for fn in (lambda x, l: bernoulli_log_likelihood(x, l * 1.0, overwrite=overwrite), plain_log_likelihood):
         leaf = logits.clone().requires_grad_()
-        (fn(x, leaf) * upstream).sum().backward()
+        value = fn(x, leaf)
+        (value * upstream).sum().backward()
         grads.append(leaf.grad)
+        values.append(value.detach())
+    torch.testing.assert_close(values[0], values[1])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_overwriting_likelihood_refuses_a_second_backward():
+    logits = normal(2, 3, 784).requires_grad_()
+    value = bernoulli_log_likelihood(binary(2, 784), logits * 1.0, overwrite=True).sum()
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.backward()
 
 
 def test_fused_likelihood_leaves_its_inputs_alone():
@@ -136,11 +149,10 @@ def test_shared_samples_decode_n_samples_latents_only(make_cfg):
 
 def test_shared_samples_have_the_expectation_of_independent_samples(make_cfg):
     """Both estimate E_z log p(x|z): their means over many draws agree within their noise."""
-    model, x = tiny_prior_model(), binary(4, 784)
+    model, x, options = tiny_prior_model(), binary(4, 784), make_cfg(["objective.shared_samples=true"]).objective
     torch.manual_seed(4)
     with torch.no_grad():
-        shared = torch.stack([OBJECTIVES["jensen"](model, x, 8, make_cfg(["objective.shared_samples=true"]).objective).loss
-                              for _ in range(200)])
+        shared = torch.stack([OBJECTIVES["jensen"](model, x, 8, options).loss for _ in range(200)])
         independent = torch.stack([OBJECTIVES["jensen"](model, x, 8).loss for _ in range(200)])
     se = (shared.var() / 200 + independent.var() / 200).sqrt()
     assert abs(shared.mean() - independent.mean()) < 5 * se

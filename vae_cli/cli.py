@@ -76,6 +76,25 @@ def check_command_line(argv: list[str]) -> None:
             raise UserError(f"malformed override {line!r}: {' '.join(str(exc).split())}") from None
         if not override.key_or_group.strip("/."):
             raise UserError(f"malformed override {line!r}: expected key=value")
+        _check_group_choice(override)
+
+
+def _check_group_choice(override) -> None:
+    """A config group (objective=, data=, hydra/launcher=, ...) takes a config's name; Hydra
+    answers anything else (data=0, ~data=1) with a ValueError and a traceback."""
+    from importlib.resources import files
+
+    key = override.key_or_group
+    conf = files("vae_cli.conf")
+    groups = {p.name: sorted(f.name[:-5] for f in p.iterdir() if f.name.endswith(".yaml")) for p in conf.iterdir() if p.is_dir()}
+    if key not in groups and not key.startswith("hydra/") or override.is_sweep_override():
+        return
+    value = override.value()
+    names = isinstance(value, list) and all(isinstance(v, str) for v in value) and not override.is_delete()
+    if isinstance(value, str) or names or (value is None and override.is_delete()):
+        return
+    allowed = f"one of {', '.join(groups[key])}" if key in groups else "the name of one of its configs"
+    raise UserError(f"invalid value {override.input_line!r}: the config group {key} takes {allowed}")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://vae_cli.conf", config_name="config")
@@ -132,13 +151,13 @@ def eval_main(argv: list[str] | None = None) -> None:
         prog="vae-eval",
         description="Estimate the test-set log p(x) of vae-train runs (quadrature for K <= 2, importance sampling, "
         "prior Monte Carlo) next to the Jensen bound, the ELBO and IWAE-k; writes eval.json into each run directory "
-        "and the headline numbers into its summary.json.",
+        "and the headline numbers into its summary.json. Options not given keep the run's own eval.* settings.",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="run directories")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--n-images", type=int, help="only the first N test images (default: all)")
     parser.add_argument("--importance-k", type=int, help="draws from q(z|x) per image (default: 5000 on CUDA, 1000 on the CPU)")
-    parser.add_argument("--quadrature-points", type=int, help="grid points in all, for K <= 2 (default: 65536)")
+    parser.add_argument("--quadrature-points", type=int, help="grid points in all, for K <= 2 (default: 147456 = 384^2)")
     parser.add_argument("--prior-mc-samples", type=int, help="prior draws shared by every image (default: 10000)")
     parser.add_argument("--batch-size", type=int, help="images per pass (default: 1000); results do not depend on it")
     parser.add_argument("--data-root", help="read the test set from here instead of the run's data.root")

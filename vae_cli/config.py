@@ -71,7 +71,7 @@ class EvalConfig:
     enabled: bool = True  # evaluate at the end of training
     n_images: Optional[int] = None  # the first n test images; null = the whole test set
     batch_size: int = 1000  # images per pass; no result depends on it
-    quadrature_points: int = 65536  # grid points in all (K <= 2): 256^2 for K=2, 65536 for K=1
+    quadrature_points: int = 147456  # grid points in all (K <= 2): 384^2 for K=2, 147456 for K=1
     quadrature_half_width: float = 6.0  # the grid covers [-w, w]^K
     importance_k: Optional[int] = None  # draws from q(z|x) per image; null = 5000 on CUDA, 1000 on the CPU
     iwae_k: int = 128  # k of the IWAE-k bound, from the same draws (capped at importance_k)

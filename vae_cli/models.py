@@ -32,39 +32,63 @@ def mlp(sizes: list[int], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+# On the CPU the likelihood runs over images in chunks of about this many floats (512 KiB), which
+# stay in cache between the passes of softplus, the product with x and, backward, the gradient.
+CPU_LIKELIHOOD_CHUNK_ELEMENTS = 1 << 17
+
+
 class _BernoulliLogLikelihood(torch.autograd.Function):
     """sum_d x_d l_d - softplus(l_d) with its gradient written out: d/dl = x - sigmoid(l).
 
     Autograd's graph of the same formula keeps the einsum's (B, ..., D) outer product and the
     softplus gradient, and adds them: three (B, ..., D) tensors in the backward. This one fills
-    a single buffer in place. Under CUDA autocast it runs in float32 (bf16 logits upcast)."""
+    one buffer in place, chunk by chunk: the logits' own memory when the caller owns them
+    (`overwrite`), so the backward allocates nothing of that size. Under CUDA autocast it runs
+    in float32 (bf16 logits upcast)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, logits: torch.Tensor, overwrite: bool) -> torch.Tensor:
         ctx.save_for_backward(x, logits)
-        return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+        ctx.overwrite = overwrite
+        out = logits.new_empty(logits.shape[:-1])
+        rows = _chunk_rows(logits)
+        for lc, xc, oc in zip(logits.split(rows), x.split(rows), out.split(rows)):
+            torch.sub(torch.einsum("b...d,bd->b...", lc, xc), F.softplus(lc).sum(-1), out=oc)
+        return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        # Overwriting bumps the logits' version: a second backward (retain_graph) fails in autograd's check.
         x, logits = ctx.saved_tensors
-        x_b = x.view(x.shape[0], *[1] * (logits.dim() - 2), x.shape[-1])  # (B, 1.., D)
         grad_x = grad_logits = None
-        if ctx.needs_input_grad[1]:
-            grad_logits = torch.sigmoid(logits)
-            grad_logits.sub_(x_b).mul_(grad.unsqueeze(-1).neg())  # g (x - sigmoid(l))
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # before the logits are overwritten
             grad_x = torch.einsum("b...d,b...->bd", logits, grad)
-        return grad_x, grad_logits
+        if ctx.needs_input_grad[1]:
+            grad_logits = logits if ctx.overwrite else torch.empty_like(logits)
+            rows = _chunk_rows(logits)
+            for lc, gc, xc, g in zip(logits.split(rows), grad_logits.split(rows), x.split(rows), grad.split(rows)):
+                torch.sigmoid(lc, out=gc)
+                gc.sub_(xc.view(xc.shape[0], *[1] * (logits.dim() - 2), xc.shape[-1])).mul_(g.unsqueeze(-1).neg())
+        return grad_x, grad_logits, None
 
 
-def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _chunk_rows(logits: torch.Tensor) -> int:
+    """Images per chunk of the likelihood's passes: all of them on CUDA, about 512 KiB on the CPU."""
+    per_image = max(1, math.prod(logits.shape[1:]))
+    if logits.device.type != "cpu":
+        return max(1, logits.shape[0])
+    return max(1, CPU_LIKELIHOOD_CHUNK_ELEMENTS // per_image)
+
+
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """log p(x|z) = sum_d x_d l_d - softplus(l_d), for x (B, D) against logits (B, ..., D) -> (B, ...).
 
     The fused form of sum_d log Bern(x_d; sigmoid(l_d)): no probabilities, no distribution
-    objects; the forward's one (B, ..., D) temporary is the softplus, the backward's the gradient."""
-    return _BernoulliLogLikelihood.apply(x, logits)
+    objects, no (B, ..., D) temporary beyond a cache-sized chunk. overwrite=True lets the
+    backward write the gradient into the logits' memory: only for logits nobody else reads."""
+    return _BernoulliLogLikelihood.apply(x, logits, overwrite)
 
 
 def bernoulli_log_likelihood_shared(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -147,16 +171,21 @@ class LatentVariableModel(nn.Module):
         return self._log_px_given_z(x, z)
 
     def _log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return bernoulli_log_likelihood(x, self.decode(z))
+        return bernoulli_log_likelihood(x, self.decode(z), overwrite=True)  # the logits live only here
 
     def log_px_given_shared_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x_b | z_s) for x (B, 784) and z (S, K) shared by every image -> (B, S)."""
         return bernoulli_log_likelihood_shared(x, self.decode(z))
 
     def compile_likelihood(self, **options) -> None:
-        """torch.compile the decoder and the likelihood of log_px_given_z as one graph (Inductor fuses
-        the bias, ELU, softplus and the gradient's element-wise work); compiled on first call."""
-        self._log_px_given_z = torch.compile(self._log_px_given_z, **options)
+        """torch.compile the decoder and the likelihood of log_px_given_z as one graph, compiled on
+        first call. Inductor is given the plain formula and fuses its element-wise work itself."""
+
+        def log_px_given_z(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            logits = self.decode(z)
+            return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+
+        self._log_px_given_z = torch.compile(log_px_given_z, **options)
 
 
 def build_model(cfg: DictConfig, uses_encoder: bool, pixel_means: torch.Tensor | None = None) -> LatentVariableModel:

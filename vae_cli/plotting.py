@@ -159,33 +159,59 @@ def save_manifold(model: LatentVariableModel, path: Path, label: str, n: int = M
 
 @dataclass
 class GridPosterior:
-    """p(z|x) = p(x|z) p(z) / p(x) on the grid points, normalized over the grid in log space."""
+    """p(z|x) = p(x|z) p(z) / p(x) on the points of a square grid, normalized over the grid in log space."""
 
-    axis: np.ndarray  # (n,) grid coordinates along each latent axis
-    log_prior: np.ndarray  # (n, n) log p(z_g) normalized over the grid; rows z2 (bottom to top), columns z1
+    z1: np.ndarray  # (n,) grid coordinates along z1 (columns)
+    z2: np.ndarray  # (n,) grid coordinates along z2 (rows, bottom to top: draw with origin="lower")
+    log_prior: np.ndarray  # (n, n) log p(z_g) normalized over the grid
     log_posterior: np.ndarray  # (N, n, n) log p(z_g | x_i) normalized over the grid
     log_px: np.ndarray  # (N,) quadrature estimate log sum_g p(x|z_g) p(z_g) dA
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        return (float(self.z1[0]), float(self.z1[-1]), float(self.z2[0]), float(self.z2[-1]))
+
+    def moments(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation (per axis) of p(z|x_i) on the grid."""
+        p = np.exp(self.log_posterior[i].astype(np.float64))
+        g2, g1 = np.meshgrid(self.z2, self.z1, indexing="ij")
+        mean = np.array([(p * g1).sum(), (p * g2).sum()])
+        sd = np.sqrt(np.array([(p * (g1 - mean[0]) ** 2).sum(), (p * (g2 - mean[1]) ** 2).sum()]))
+        return mean, sd
 
 
 @torch.no_grad()
 def grid_posterior(
-    model: LatentVariableModel, x: torch.Tensor, n: int = POSTERIOR_GRID, limit: float = Z_LIMIT
+    model: LatentVariableModel, x: torch.Tensor, n: int = POSTERIOR_GRID, limit: float = Z_LIMIT,
+    center: tuple[float, float] = (0.0, 0.0),
 ) -> GridPosterior:
-    """The exact posterior of a K=2 model for each image in x (N, 784), evaluated on an n x n grid."""
-    axis = torch.linspace(-limit, limit, n)
-    z2, z1 = torch.meshgrid(axis, axis, indexing="ij")  # row index = z2 increasing, for origin="lower"
+    """The exact posterior of a K=2 model for each image in x (N, 784) on an n x n grid over
+    center + [-limit, limit]^2."""
+    offsets = torch.linspace(-limit, limit, n, dtype=torch.float64)
+    z1_axis, z2_axis = (center[0] + offsets).float(), (center[1] + offsets).float()
+    z2, z1 = torch.meshgrid(z2_axis, z1_axis, indexing="ij")  # row index = z2 increasing, for origin="lower"
     z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=-1)
     logits = model.decode(z)  # (G, 784), shared by every image
     log_pz = standard_normal_log_prob(z)  # (G,)
     log_joint = torch.stack([bernoulli_log_likelihood(xi[None], logits[None])[0] for xi in x.float()]) + log_pz
     log_norm = torch.logsumexp(log_joint, dim=-1, keepdim=True)
-    cell = math.log(float(axis[1] - axis[0]) ** 2)
+    cell = 2 * math.log(2 * limit / (n - 1))
     return GridPosterior(
-        axis=axis.numpy(),
+        z1=z1_axis.numpy(),
+        z2=z2_axis.numpy(),
         log_prior=(log_pz - torch.logsumexp(log_pz, 0)).reshape(n, n).numpy(),
         log_posterior=(log_joint - log_norm).reshape(len(x), n, n).numpy(),
         log_px=(log_norm[:, 0] + cell).numpy(),
     )
+
+
+def zoom_window(post: GridPosterior, i: int) -> tuple[tuple[float, float], float]:
+    """(center, half width) of a square around p(z|x_i): its mean +- 5 sd, at least two grid cells,
+    at most the whole [-3, 3]^2. A sharp posterior fills one cell of the full grid; this resolves it."""
+    mean, sd = post.moments(i)
+    spacing = float(post.z1[1] - post.z1[0])
+    half = float(min(Z_LIMIT, max(5 * sd.max(), 2 * spacing)))
+    return (float(mean[0]), float(mean[1])), half
 
 
 def pick_digits(labels: torch.Tensor, n: int = POSTERIOR_DIGITS) -> list[int]:
@@ -205,50 +231,54 @@ def pick_digits(labels: torch.Tensor, n: int = POSTERIOR_DIGITS) -> list[int]:
 
 @torch.no_grad()
 def save_posterior(model: LatentVariableModel, x: torch.Tensor, path: Path, label: str) -> None:
-    """Test digits over their exact posterior p(z|x) on a grid, next to the prior; q(z|x) as ellipses.
-    Fixed layout (no tight bbox): twelve small axes are slow to lay out."""
-    post = grid_posterior(model, x)
-    extent = (-Z_LIMIT, Z_LIMIT, -Z_LIMIT, Z_LIMIT)
+    """Test digits over their exact posterior p(z|x): on the grid over [-3, 3]^2 next to the prior,
+    and zoomed in on a second grid around each posterior, where log p(x) is summed; q(z|x) as ellipses.
+    Fixed layout (no tight bbox): many small axes are slow to lay out."""
+    full = grid_posterior(model, x)
+    windows = [zoom_window(full, i) for i in range(len(x))]
+    zooms = [grid_posterior(model, x[i : i + 1], center=c, limit=h) for i, (c, h) in enumerate(windows)]
     q = model.encode(x.float()) if model.encoder is not None else None
     n = len(x)
-    panel, gap, left, top, bottom = 1.3, 0.25, 0.35, 0.45, 0.3  # inches
-    width, height = left + (n + 1) * (panel + gap), top + 2 * panel + gap + bottom
+    panel, gap, left, top, bottom = 1.3, 0.35, 0.35, 0.45, 0.3  # inches
+    width, height = left + (n + 1) * (panel + gap), top + 3 * panel + 2 * gap + bottom
     fig = plt.figure(figsize=(width, height), dpi=DPI)
 
-    def axes(col: int, row: int) -> plt.Axes:  # row 0: images, row 1: densities
-        y0 = bottom + (1 - row) * (panel + gap)
-        return fig.add_axes((
-            (left + col * (panel + gap)) / width, y0 / height, panel / width, (panel if row else panel * 0.8) / height
-        ))
+    def axes(col: int, row: int, scale: float = 1.0) -> plt.Axes:  # rows from the top: image, full grid, zoom
+        y0 = bottom + (2 - row) * (panel + gap)
+        return fig.add_axes(((left + col * (panel + gap)) / width, y0 / height, panel / width, panel * scale / height))
 
-    fig.text((left + panel / 2) / width, (bottom + 1.5 * panel + gap) / height, "prior p(z)\n(no image)",
-             ha="center", va="center", fontsize=8)
-    densities = [("p(z)", np.exp(post.log_prior))]
-    densities += [(f"p(z|x), log p(x)~{post.log_px[i]:.1f}", np.exp(post.log_posterior[i])) for i in range(n)]
-    for col, (title, density) in enumerate(densities):
-        ax = axes(col, 1)
-        ax.imshow(density, origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
+    def density(ax: plt.Axes, post: GridPosterior, values: np.ndarray, title: str, show_y: bool) -> None:
+        ax.imshow(np.exp(values), origin="lower", extent=post.extent, cmap="viridis", interpolation="nearest",
+                  aspect="auto")
         ax.set_title(title, fontsize=7)
-        ax.set_xticks([-2, 0, 2])
-        ax.set_yticks([-2, 0, 2])
-        ax.tick_params(labelsize=6, length=2, pad=1, labelleft=col == 0)
-        if col == 0:
-            continue
-        image_ax = axes(col, 0)
-        image = x[col - 1].reshape(TILE, TILE).cpu().numpy()
-        image_ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.tick_params(labelsize=6, length=2, pad=1, labelleft=show_y)
+        ax.locator_params(nbins=3)
+
+    fig.text((left + panel / 2) / width, (bottom + 2.4 * (panel + gap)) / height, "prior p(z)\n(no image)",
+             ha="center", va="center", fontsize=8)
+    fig.text((left + panel / 2) / width, (bottom + panel / 2) / height, "zoomed in:\neach panel its\nown axes",
+             ha="center", va="center", fontsize=8)
+    density(axes(0, 1), full, full.log_prior, "p(z)", show_y=True)
+    for i in range(n):
+        image_ax = axes(i + 1, 0, scale=0.85)
+        image_ax.imshow(x[i].reshape(TILE, TILE).cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         image_ax.axis("off")
-        if q is not None:
-            mu, sd = q[0][col - 1].cpu().numpy(), torch.exp(0.5 * q[1][col - 1]).cpu().numpy()
-            for k in (1, 2):
-                ax.add_patch(Ellipse(tuple(mu), 2 * k * sd[0], 2 * k * sd[1], fill=False, ec="white", lw=0.8,
-                                     ls="-" if k == 1 else "--"))
-            ax.set_xlim(-Z_LIMIT, Z_LIMIT)
-            ax.set_ylim(-Z_LIMIT, Z_LIMIT)
+        zoom = zooms[i]
+        panels = [(axes(i + 1, 1), full, full.log_posterior[i], "p(z|x)"),
+                  (axes(i + 1, 2), zoom, zoom.log_posterior[0], f"log p(x)={zoom.log_px[0]:.1f}")]
+        for ax, post, values, title in panels:
+            density(ax, post, values, title, show_y=post is zoom)
+            if q is not None:
+                mu, sd = q[0][i].cpu().numpy(), torch.exp(0.5 * q[1][i]).cpu().numpy()
+                for k in (1, 2):
+                    ax.add_patch(Ellipse(tuple(mu), 2 * k * sd[0], 2 * k * sd[1], fill=False, ec="white", lw=0.8,
+                                         ls="-" if k == 1 else "--"))
+                ax.set_xlim(post.extent[:2])
+                ax.set_ylim(post.extent[2:])
     q_note = "; white: q(z|x) at 1 and 2 sd" if q is not None else ""
     fig.suptitle(
-        f"exact posterior p(z|x) = p(x|z)p(z)/p(x) on a {POSTERIOR_GRID}x{POSTERIOR_GRID} grid over [-3, 3]^2{q_note}\n"
-        f"log p(x) by quadrature on the grid; {label}",
+        f"exact posterior p(z|x) = p(x|z)p(z)/p(x) on {POSTERIOR_GRID}x{POSTERIOR_GRID} grids: over [-3, 3]^2, "
+        f"then around its mean +- 5 sd{q_note}\nlog p(x) by quadrature on the zoomed grid; {label}",
         fontsize=8, y=1 - 0.08 / height, va="top",
     )
     save_figure(fig, path, tight=False)

@@ -7,7 +7,7 @@ One run, drawn into the run directory (or --out):
     samples.png     8x8 samples x ~ p(x|z), z ~ p(z)
     means.png       8x8 decoder means for the same z
     manifold.png    (K=2) decoder means over a grid of z in [-3, 3]^2
-    posterior.png   (K=2) exact p(z|x) on a grid for a few test digits, next to p(z); q(z|x) if any
+    posterior.png   (K=2) exact p(z|x) on grids for five test digits, next to p(z), zoomed; q(z|x) if any
     encoded.png     (K=2, encoder models) means of q(z|x) of the test set, coloured by digit
 Several runs, into the multirun directory (or --out), each run's figures in its own directory:
     loss_curves.png, vs_<parameter>.png (or metrics_by_run.png), comparison.csv, comparison.md
@@ -34,8 +34,8 @@ RUN_FIGURES = {
     "samples.png": "8x8 binary samples x ~ p(x|z) for fixed prior draws z ~ p(z)",
     "means.png": "8x8 decoder means sigmoid(decoder(z)) for the same z: means, not samples",
     "manifold.png": "decoder means over a 15x15 grid of z in [-3, 3]^2: what each region of the latent space draws",
-    "posterior.png": "the exact posterior p(z|x) on a grid for a few test digits, next to the prior p(z) "
-    "(q(z|x) as ellipses for encoder models)",
+    "posterior.png": "the exact posterior p(z|x) of five test digits on a grid over [-3, 3]^2 next to the prior p(z), "
+    "and zoomed in around each posterior (q(z|x) as ellipses for encoder models)",
     "encoded.png": "the test set encoded: means of q(z|x), coloured by digit",
 }
 
