@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Tensors and plain containers only (weights_only=True): a checkpoint cannot run code."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them: one line, ours
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise RunDirError(f"{path} does not exist") from None
     except Exception as exc:  # torch raises many types for corrupt or foreign files
