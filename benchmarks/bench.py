@@ -9,16 +9,20 @@ For jensen, prior_iwae, elbo and iwae at the default config (batch 256, 128 samp
     vae-cli         vae_cli.training.train_step, as `vae-train` runs it
     vae-cli shared  the same with objective.shared_samples=true (prior objectives only)
     vae-cli compiled  with compile=true (--compile)
+    w/o ...         vae-cli with one change taken back (jensen and prior_iwae; not with --quick):
+                    the fused likelihood, micro-batches, denormal flushing, in-place ELU. The
+                    heap setting is process-wide: compare a run with --no-heap-tuning instead.
 
 timed in one process, one step of each variant per round (so a disturbance hits them all),
 warm-up excluded, medians. Also: FLOPs per step from the layer sizes (2mnk per forward matmul,
 backward twice the forward), this machine's matmul rate (a large float32 matmul timed in the
-same rounds), so the floor (FLOPs / rate) and the fraction of it reached; the matmul and
-non-matmul seconds of one profiled step; the peak memory of a step, as live tensor bytes (the
+same rounds), so the floor (FLOPs / rate) and the fraction of it reached; the matmul seconds of
+a profiled step and the rest of the step; the peak memory of a step, as live tensor bytes (the
 profiler's memory timeline) and as resident memory (a fresh subprocess per variant); the
-seconds of the quadrature and importance estimators. Writes bench.json.
+seconds of the quadrature and importance estimators; then each target of issue 6, met or not.
+Writes bench.json.
 
-    python benchmarks/bench.py [--quick] [--compile] [--compare-shared SECONDS]
+    python benchmarks/bench.py [--quick] [--compile] [--compare-shared SECONDS] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -45,24 +49,36 @@ from hydra.core.global_hydra import GlobalHydra
 
 import vae_cli
 from vae_cli.config import register_configs, validate
-from vae_cli.models import N_PIXELS, build_model
+from vae_cli.models import N_PIXELS, bernoulli_log_likelihood_formula, build_model
 from vae_cli.objectives import OBJECTIVES
-from vae_cli.training import micro_batch_size, speed_options, train_step
+from vae_cli.rundir import write_json
+from vae_cli.training import micro_batch_size, set_process_speed_settings, speed_options, train_step
 
 OBJECTIVE_NAMES = ("jensen", "prior_iwae", "elbo", "iwae")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_mkl_linear"}
 MATMUL_SIZE = 2048  # the rate probe: (2048, 2048) @ (2048, 2048) in float32
+PROFILED_STEPS = 3
+# vae-cli with one of its changes taken back, to show what each bought
+ABLATIONS = {"w/o fused lik.": "the fused likelihood", "w/o micro-batches": "micro-batches",
+             "w/o denormal flush": "flushing denormals", "w/o in-place ELU": "in-place ELU"}
+ABLATED_OBJECTIVES = ("jensen", "prior_iwae")
+# Targets of issue 6 for the default config on the CPU
+TARGET_SPEEDUP = 1.5  # jensen and prior_iwae steps against the reference step
+TARGET_OTHER_OVER_MATMUL = 0.30
+TARGET_MEMORY_FACTOR = 1.5  # peak over (logits + the activations backward needs)
+TARGET_SHARED_SPEEDUP = 50.0
 
 
 # --- configs and data ----------------------------------------------------------------------------
 
 
-def compose_config(overrides: list[str]):
+def compose_config(args, overrides: list[str]):
+    """The config `vae-train` composes from these overrides and the --set ones."""
     register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides + args.set)
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
@@ -158,7 +174,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
         overrides.append("compile=true")
     if device.type == "cuda":
         overrides += [f"cuda.tf32={str(args.tf32).lower()}", f"cuda.bf16={str(args.bf16).lower()}"]
-    cfg = compose_config(overrides)
+    cfg = compose_config(args, overrides)
     uses_encoder = OBJECTIVES[objective].uses_encoder
     torch.manual_seed(0)
     model = build_model(cfg, uses_encoder, pixel_means).to(device)
@@ -182,15 +198,29 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
     speed = speed_options(cfg, device)
     if cfg.compile:
         model.compile_likelihood()
-    mb = micro_batch_size(cfg, device)
+    mb = cfg.batch_size if kind == "w/o micro-batches" else micro_batch_size(cfg, device)
     autocast = torch.bfloat16 if cfg.cuda.bf16 else None
     obj = OBJECTIVES[objective]
+    if kind == "w/o fused lik.":  # autograd's graph of the formula
+        model._log_px_given_z = lambda x, z: bernoulli_log_likelihood_formula(x, model.decode(z))
+    if kind == "w/o in-place ELU":
+        for module in model.modules():
+            if isinstance(module, nn.ELU):
+                module.inplace = False
 
     def step(x: torch.Tensor) -> float:
         return train_step(model, opt, obj, x, S, mb, cfg.objective, autocast)["loss"]
 
+    def step_with_denormals(x: torch.Tensor) -> float:
+        torch.set_flush_denormal(False)
+        try:
+            return step(x)
+        finally:
+            torch.set_flush_denormal(True)
+
     shared = speed["shared_samples"]
-    return Variant(kind, objective, cfg, device, step, model, S if shared else mb * S, shared, {"micro_batch": mb, **speed})
+    run = step_with_denormals if kind == "w/o denormal flush" else step
+    return Variant(kind, objective, cfg, device, run, model, S if shared else mb * S, shared, {"micro_batch": mb, **speed})
 
 
 def variant_kinds(objective: str, args) -> list[str]:
@@ -199,6 +229,8 @@ def variant_kinds(objective: str, args) -> list[str]:
         kinds.append("vae-cli shared")
     if args.compile:
         kinds.append("vae-cli compiled")
+    if args.ablations and objective in ABLATED_OBJECTIVES:
+        kinds += ABLATIONS
     return kinds
 
 
@@ -221,12 +253,11 @@ def step_flops(cfg, uses_encoder: bool, shared: bool) -> int:
     return 3 * forward
 
 
-def memory_budget(cfg, pass_rows: int) -> int:
-    """1.5x the logits of one forward pass plus the activations its backward needs (every Linear's input), bytes."""
+def memory_needed(cfg, pass_rows: int) -> int:
+    """Bytes of the logits of one forward pass plus the activations its backward needs (every
+    decoder Linear's input: z and each hidden layer's output, which in-place ELU shares)."""
     m = cfg.model
-    logits = pass_rows * N_PIXELS * 4
-    activations = pass_rows * (cfg.K + m.hidden * m.depth) * 4
-    return int(1.5 * logits + activations)
+    return pass_rows * (N_PIXELS + cfg.K + m.hidden * m.depth) * 4
 
 
 def sync(device: torch.device) -> None:
@@ -278,9 +309,9 @@ def memory_probe(args) -> None:
     (parameters, optimizer state, the batch), after one warm-up step: the resident-set
     high-water mark (VmHWM, reset through /proc/self/clear_refs) after malloc_trim hands freed
     heap back. It adds the allocator's slack to the live tensors."""
-    torch.set_flush_denormal(True)
     device = torch.device(args.device)
-    cfg = compose_config([f"objective={args.memory_probe[0]}", f"device={device.type}"])
+    set_process_speed_settings(device, heap=not args.no_heap_tuning)
+    cfg = compose_config(args, [f"objective={args.memory_probe[0]}", f"device={device.type}"])
     batches, means, _, _ = load_batches(cfg, 2, device)
     v = make_variant(args.memory_probe[1], args.memory_probe[0], args, device, means)
     v.step(batches[0])
@@ -299,6 +330,8 @@ def measure_memory(objective: str, kind: str, args) -> dict[str, Any]:
     cmd += ["--compile"] if kind == "vae-cli compiled" else []
     cmd += ["--tf32"] if args.tf32 else []
     cmd += ["--bf16"] if args.bf16 else []
+    cmd += ["--no-heap-tuning"] if args.no_heap_tuning else []
+    cmd += ["--set", *args.set] if args.set else []
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -309,41 +342,46 @@ def measure_memory(objective: str, kind: str, args) -> dict[str, Any]:
 # --- profile: matmul vs everything else -------------------------------------------------------------
 
 
-def profile_split(v: Variant, x: torch.Tensor) -> dict[str, Any]:
-    """Seconds of one step in matrix products (self time of the mm family) and in everything else."""
+def profile_split(v: Variant, batches: list[torch.Tensor], s_per_step: float) -> dict[str, Any]:
+    """Seconds of a step in matrix products (self time of the mm family, the median of a profiled
+    step per batch) and in everything else: the unprofiled median step time less the matmul
+    time, so the profiler's own overhead is not counted as element-wise work."""
     from torch.profiler import ProfilerActivity, profile
 
     if v.device.type != "cpu":
         return {"note": "the split is profiled on the CPU only"}
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        v.step(x)
-        total = time.perf_counter() - start
-    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    matmul = sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS) / 1e6
-    top = {e.key: round(e.self_cpu_time_total / 1e6, 4) for e in ops[:10]}
-    return {"profiled_s": total, "matmul_s": matmul, "other_s": total - matmul, "other_over_matmul": (total - matmul) / matmul,
-            "top_ops_self_s": top}
+    matmul, profiled, top = [], [], {}
+    for x in batches:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            v.step(x)
+            profiled.append(time.perf_counter() - start)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        matmul.append(sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS) / 1e6)
+        top = {e.key: round(e.self_cpu_time_total / 1e6, 4) for e in ops[:10]}
+    mm, total = statistics.median(matmul), statistics.median(profiled)
+    return {"profiled_s": total, "matmul_s": mm, "other_s": s_per_step - mm, "other_over_matmul": (s_per_step - mm) / mm,
+            "other_over_matmul_profiled": (total - mm) / mm, "profiled_steps": len(batches), "top_ops_self_s": top}
 
 
 # --- evaluation estimators --------------------------------------------------------------------------
 
 
-def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.device, n_images: int) -> dict[str, Any]:
-    try:
-        from vae_cli import estimators
-    except ImportError as exc:
-        return {"note": f"vae_cli.estimators is not available ({exc})"}
-    from vae_cli.evaluate import IMPORTANCE_K
+def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.device, args) -> dict[str, Any]:
+    """Seconds of the default quadrature grid and of importance sampling at the default k, as
+    vae-eval runs them (vae-eval also runs the grid at twice the spacing: a quarter of the points)."""
+    from vae_cli import estimators
+    from vae_cli.evaluate import IMPORTANCE_K, points_per_dim
 
-    cfg = compose_config(["objective=iwae", f"device={device.type}"])
+    cfg = compose_config(args, ["objective=iwae", f"device={device.type}"])
     torch.manual_seed(0)
     model = build_model(cfg, True, pixel_means).to(device)
-    x = test[:n_images]
-    k = IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
-    out: dict[str, Any] = {"n_images": len(x), "quadrature_points": 256**2, "importance_k": k}
+    x = test[: args.eval_images]
+    n, width = points_per_dim(cfg.eval.quadrature_points, cfg.K), cfg.eval.quadrature_half_width
+    k = cfg.eval.importance_k or IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
+    out: dict[str, Any] = {"n_images": len(x), "quadrature_points": n**cfg.K, "importance_k": k}
     with torch.inference_mode():
-        for name, fn in (("quadrature_s", lambda: estimators.log_px_quadrature(model, x, 256)),
+        for name, fn in (("quadrature_s", lambda: estimators.log_px_quadrature(model, x, n, width)),
                          ("importance_s", lambda: estimators.log_px_importance(model, x, k))):
             sync(device)
             start = time.perf_counter()
@@ -358,8 +396,8 @@ def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.de
 
 def run_bench(args) -> dict[str, Any]:
     device = torch.device(args.device)
-    torch.set_flush_denormal(True)  # as vae_cli.training.train does, for every variant alike
-    cfg = compose_config([f"device={device.type}"])
+    settings = set_process_speed_settings(device, heap=not args.no_heap_tuning)  # as train() does, for every variant alike
+    cfg = compose_config(args, [f"device={device.type}"])
     batches, means, test, source = load_batches(cfg, args.rounds + args.warmup, device)
     variants = [make_variant(kind, o, args, device, means) for o in args.objectives for kind in variant_kinds(o, args)]
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
@@ -389,19 +427,21 @@ def run_bench(args) -> dict[str, Any]:
     rate = 2 * MATMUL_SIZE**3 / statistics.median(matmul_s)
 
     rows = []
-    reference = {v.objective: statistics.median(v.wall) for v in variants if v.name == "reference"}
+    median = {(v.objective, v.name): statistics.median(v.wall) for v in variants}
     for v in variants:
-        s = statistics.median(v.wall)
+        s = median[v.objective, v.name]
         flops = step_flops(v.cfg, OBJECTIVES[v.objective].uses_encoder, v.shared)
         row = {
             "objective": v.objective, "variant": v.name, "s_per_step": s, "it_per_s": 1 / s,
             "s_per_step_min": min(v.wall), "cpu_s_per_step": statistics.median(v.cpu),
-            "speedup_vs_reference": reference[v.objective] / s, "first_step_s": v.first_step_s,
+            "speedup_vs_reference": median[v.objective, "reference"] / s, "first_step_s": v.first_step_s,
             "flops_per_step": flops, "floor_s": flops / rate, "fraction_of_floor": flops / rate / s,
-            "memory_budget_bytes": memory_budget(v.cfg, v.pass_rows), "pass_rows": v.pass_rows, "options": v.options,
+            "memory_needed_bytes": memory_needed(v.cfg, v.pass_rows), "pass_rows": v.pass_rows, "options": v.options,
         }
+        if v.name not in ("reference", "vae-cli") and (v.objective, "vae-cli") in median:  # at equal n_samples
+            row["speedup_vs_vae_cli"] = median[v.objective, "vae-cli"] / s
         if not args.no_profile:
-            row["profile"] = profile_split(v, batches[-1])
+            row["profile"] = profile_split(v, batches[-PROFILED_STEPS:], s)
         if not args.no_memory:
             row["memory"] = tensor_peak(v, batches[-1])
             if v.device.type == "cpu" and sys.platform == "linux":
@@ -411,16 +451,45 @@ def run_bench(args) -> dict[str, Any]:
     result = {
         "vae_cli_version": vae_cli.__version__, "torch_version": torch.__version__, "python": platform.python_version(),
         "device": describe(device), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-        "data": source, "quick": args.quick, "rounds": args.rounds, "warmup": args.warmup, "flush_denormal": True,
+        "data": source, "quick": args.quick, "rounds": args.rounds, "warmup": args.warmup, "process_settings": settings,
         "config": {"batch_size": cfg.batch_size, "n_samples": cfg.n_samples, "K": cfg.K, "hidden": cfg.model.hidden,
-                   "depth": cfg.model.depth},
+                   "depth": cfg.model.depth, "overrides": args.set},
         "cuda_options": {"tf32": args.tf32, "bf16": args.bf16, "compile": args.compile},
         "matmul_rate_flops": rate, "matmul_probe": f"({MATMUL_SIZE}, {MATMUL_SIZE}) @ ({MATMUL_SIZE}, {MATMUL_SIZE}) float32, median over the rounds",
         "steps": rows,
     }
     if not args.no_eval:
-        result["eval"] = eval_seconds(test, means, device, args.eval_images)
+        result["eval"] = eval_seconds(test, means, device, args)
+    result["targets"] = check_targets(rows, device, args.set)
     return result
+
+
+def check_targets(rows: list[dict[str, Any]], device: torch.device, overrides: list[str]) -> list[dict[str, Any]]:
+    """Issue 6's targets, each with the figure measured; they are stated for the 2-core CPU and the default config."""
+    targets = []
+
+    def add(what: str, value: float, limit: float, met: bool) -> None:
+        targets.append({"target": what, "value": value, "limit": limit, "met": met})
+
+    for r in rows:
+        if r["variant"] == "vae-cli" and r["objective"] in ("jensen", "prior_iwae"):
+            add(f"{r['objective']}: step speed-up over the reference >= {TARGET_SPEEDUP}x", r["speedup_vs_reference"],
+                TARGET_SPEEDUP, r["speedup_vs_reference"] >= TARGET_SPEEDUP)
+            if "other_over_matmul" in r.get("profile", {}):
+                other = r["profile"]["other_over_matmul"]
+                add(f"{r['objective']}: non-matmul time <= {TARGET_OTHER_OVER_MATMUL:.0%} of matmul time", other,
+                    TARGET_OTHER_OVER_MATMUL, other <= TARGET_OTHER_OVER_MATMUL)
+        if r["variant"] == "vae-cli" and r.get("memory", {}).get("peak_bytes") is not None:
+            factor = r["memory"]["peak_bytes"] / r["memory_needed_bytes"]
+            add(f"{r['objective']}: peak tensor memory <= {TARGET_MEMORY_FACTOR}x (logits + activations)", factor,
+                TARGET_MEMORY_FACTOR, factor <= TARGET_MEMORY_FACTOR)
+        if r["variant"] == "vae-cli shared":
+            add(f"{r['objective']}: shared samples >= {TARGET_SHARED_SPEEDUP:.0f}x independent ones", r["speedup_vs_vae_cli"],
+                TARGET_SHARED_SPEEDUP, r["speedup_vs_vae_cli"] >= TARGET_SHARED_SPEEDUP)
+    if device.type != "cpu" or overrides:
+        for t in targets:
+            t["note"] = "stated for the default config on the 2-core CPU"
+    return targets
 
 
 def describe(device: torch.device) -> str:
@@ -430,30 +499,38 @@ def describe(device: torch.device) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
+    settings = ", ".join(f"{k}={v}" for k, v in result["process_settings"].items())
     print(f"\n{result['device']}, torch {result['torch_version']}, load average {result['load_average'][0]:.1f}; "
-          f"matmul rate {result['matmul_rate_flops'] / 1e9:.0f} GFLOP/s; medians of {result['rounds']} rounds")
-    head = (f"{'objective':<11} {'variant':<17} {'s/step':>8} {'it/s':>7} {'vs ref':>7} {'GFLOP':>6} {'floor s':>8} "
-            f"{'of floor':>8} {'mm s':>6} {'other s':>7} {'oth/mm':>6} {'peak MB':>8} {'budget MB':>9} {'RSS MB':>7}")
+          f"matmul rate {result['matmul_rate_flops'] / 1e9:.0f} GFLOP/s; medians of {result['rounds']} rounds; {settings}")
+    head = (f"{'objective':<11} {'variant':<18} {'s/step':>8} {'it/s':>7} {'vs ref':>7} {'GFLOP':>6} {'floor s':>8} "
+            f"{'of floor':>8} {'mm s':>6} {'other s':>7} {'oth/mm':>6} {'peak MB':>8} {'need MB':>8} {'peak/need':>9} {'RSS MB':>7}")
     print(head)
     print("-" * len(head))
     for r in result["steps"]:
         p, m = r.get("profile", {}), r.get("memory", {})
         peak, rss = m.get("peak_bytes"), r.get("resident_memory", {}).get("peak_bytes")
+        need = r["memory_needed_bytes"]
         cells = [
-            f"{r['objective']:<11}", f"{r['variant']:<17}", f"{r['s_per_step']:8.3f}", f"{r['it_per_s']:7.2f}",
+            f"{r['objective']:<11}", f"{r['variant']:<18}", f"{r['s_per_step']:8.3f}", f"{r['it_per_s']:7.2f}",
             f"{r['speedup_vs_reference']:6.2f}x", f"{r['flops_per_step'] / 1e9:6.1f}", f"{r['floor_s']:8.3f}",
             f"{r['fraction_of_floor']:7.0%} ", f"{p.get('matmul_s', math.nan):6.2f}", f"{p.get('other_s', math.nan):7.2f}",
             f"{p.get('other_over_matmul', math.nan):6.2f}", f"{peak / 1e6 if peak is not None else math.nan:8.0f}",
-            f"{r['memory_budget_bytes'] / 1e6:9.0f}", f"{rss / 1e6 if rss is not None else math.nan:7.0f}",
+            f"{need / 1e6:8.0f}", f"{peak / need if peak is not None else math.nan:9.2f}",
+            f"{rss / 1e6 if rss is not None else math.nan:7.0f}",
         ]
         print(" ".join(cells))
+    for r in result["steps"]:
+        if r["variant"] in ABLATIONS:
+            print(f"{r['objective']}: {ABLATIONS[r['variant']]} buys {1 / r['speedup_vs_vae_cli']:.2f}x "
+                  f"({r['s_per_step']:.3f} s/step without it)")
+        elif "speedup_vs_vae_cli" in r:
+            print(f"{r['objective']}: {r['variant']} {r['speedup_vs_vae_cli']:.1f}x the vae-cli step at equal n_samples")
     if "eval" in result:
         e = result["eval"]
-        if "note" in e:
-            print(f"eval: {e['note']}")
-        else:
-            print(f"eval on {e['n_images']} test images: quadrature ({e['quadrature_points']} points, decoded once) "
-                  f"{e['quadrature_s']:.2f} s, importance (k={e['importance_k']} per image) {e['importance_s']:.2f} s")
+        print(f"eval on {e['n_images']} test images: quadrature ({e['quadrature_points']} points, decoded once) "
+              f"{e['quadrature_s']:.2f} s, importance (k={e['importance_k']} per image) {e['importance_s']:.2f} s")
+    for t in result["targets"]:
+        print(f"target {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['value']:.2f}" + (f" ({t['note']})" if "note" in t else ""))
 
 
 # --- shared against independent samples at equal wall time ---------------------------------------------
@@ -463,17 +540,18 @@ def compare_shared(args) -> dict[str, Any]:
     """Train with independent and with shared prior samples, one step of each in turn, until each has
     spent `seconds` in its own steps; then the final loss and the test log p(x) (quadrature)."""
     from vae_cli import estimators
+    from vae_cli.data import load_data
+    from vae_cli.evaluate import points_per_dim
     from vae_cli.rundir import mean_and_stderr
 
     device = torch.device(args.device)
-    torch.set_flush_denormal(True)
-    cfg = compose_config([f"device={device.type}"])
-    from vae_cli.data import load_data
-
+    set_process_speed_settings(device, heap=not args.no_heap_tuning)
+    cfg = compose_config(args, [f"device={device.type}"])
     data = load_data(cfg.data, cfg.seed, device)
     x_test = data.test[: args.eval_images]
+    n, width = points_per_dim(cfg.eval.quadrature_points, cfg.K), cfg.eval.quadrature_half_width
     out: dict[str, Any] = {"seconds_per_run": args.compare_shared, "data": data.source, "n_test_images": len(x_test),
-                           "device": describe(device), "runs": []}
+                           "quadrature_points": n**cfg.K, "device": describe(device), "runs": []}
     for objective in ("jensen", "prior_iwae"):
         runs = [make_variant(kind, objective, args, device, data.pixel_means) for kind in ("vae-cli", "vae-cli shared")]
         spent = [0.0, 0.0]
@@ -492,15 +570,13 @@ def compare_shared(args) -> dict[str, Any]:
         for i, v in enumerate(runs):
             model = v.model
             with torch.inference_mode():
-                log_px = estimators.log_px_quadrature(model, x_test, 256)
-                jensen = estimators.jensen_bound(model, x_test, points_per_dim=256)
+                log_px = estimators.log_px_quadrature(model, x_test, n, width)
                 test_loss = torch.stack([OBJECTIVES[objective](model, xb, cfg.n_samples).loss for xb in x_test.split(100)]).mean()
             final, final_se = mean_and_stderr(losses[i][-50:])
             lp, lp_se = mean_and_stderr(log_px.tolist())
             run = {"objective": objective, "samples": "shared" if v.shared else "independent", "steps": len(losses[i]),
                    "seconds": spent[i], "final_loss": final, "final_loss_stderr": final_se,
-                   "test_loss_independent_samples": test_loss.item(), "test_log_px": lp, "test_log_px_stderr": lp_se,
-                   "test_jensen": jensen.mean().item()}
+                   "test_loss_independent_samples": test_loss.item(), "test_log_px": lp, "test_log_px_stderr": lp_se}
             out["runs"].append(run)
             print(f"{objective:<11} {run['samples']:<12} {run['steps']:6d} steps in {run['seconds']:6.1f} s: final loss "
                   f"{final:7.2f} +- {final_se:.2f}, test loss {run['test_loss_independent_samples']:7.2f}, "
@@ -510,27 +586,33 @@ def compare_shared(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, fewer eval images")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, no ablations, 100 eval images")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2, quick 1)")
     parser.add_argument("--objectives", default=",".join(OBJECTIVE_NAMES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="add a variant with compile=true")
+    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
+                        help="vae-cli with each change taken back (default: on, off with --quick)")
+    parser.add_argument("--no-heap-tuning", action="store_true", help="leave glibc's heap thresholds at their defaults")
     parser.add_argument("--tf32", action="store_true", help="cuda.tf32=true for the vae-cli variants")
     parser.add_argument("--bf16", action="store_true", help="cuda.bf16=true for the vae-cli variants")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-eval", action="store_true")
-    parser.add_argument("--eval-images", type=int, default=None, help="test images for the estimators (default 1000, quick 100)")
+    parser.add_argument("--eval-images", type=int, default=None, help="test images for the estimators (default all, quick 100)")
     parser.add_argument("--compare-shared", type=float, default=None, metavar="SECONDS",
                         help="instead: train independent and shared samples for SECONDS each, interleaved, and compare")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every variant, as on the vae-train command line (the targets are for the defaults)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--memory-probe", nargs=2, metavar=("OBJECTIVE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 10)
     args.warmup = args.warmup or (1 if args.quick else 2)
-    args.eval_images = args.eval_images or (100 if args.quick else 1000)
+    args.eval_images = args.eval_images or (100 if args.quick else None)  # None: the whole test set
+    args.ablations = not args.quick if args.ablations is None else args.ablations
     args.objectives = [o for o in args.objectives.split(",") if o]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -546,7 +628,7 @@ def main(argv: list[str] | None = None) -> None:
         if "compare_shared" in previous:
             result["compare_shared"] = previous["compare_shared"]
         print_table(result)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -4,6 +4,8 @@ the in-place activations, shared prior samples, and the speed options' config ch
 from __future__ import annotations
 
 import json
+import platform
+import sys
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from vae_cli.models import (
     build_model,
 )
 from vae_cli.objectives import OBJECTIVES
-from vae_cli.training import micro_batch_size, train, train_step
+from vae_cli.training import micro_batch_size, set_process_speed_settings, train, train_step
 
 
 def plain_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -197,6 +199,15 @@ def test_speed_options_default_off_and_are_recorded(make_cfg, tmp_path):
     summary = train(cfg, run_dir=tmp_path / "run")
     recorded = json.loads((tmp_path / "run" / "summary.json").read_text())["speed_options"]
     assert recorded == summary["speed_options"] == {"shared_samples": True, "compile": False, "tf32": False, "bf16": False}
+    settings = json.loads((tmp_path / "run" / "summary.json").read_text())["process_settings"]
+    assert settings == summary["process_settings"] and settings["flush_denormal"] is True
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_process_settings_keep_freed_heap_memory_on_the_cpu_only():
+    assert set_process_speed_settings(torch.device("cpu")) == {"flush_denormal": True, "heap_kept": True}
+    assert set_process_speed_settings(torch.device("cpu"), heap=False)["heap_kept"] is False
+    assert set_process_speed_settings(torch.device("cuda"))["heap_kept"] is False  # sets nothing on the GPU
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def weighted_sums(
             rows = slice(start, start + batch_size)
             ll = bernoulli_log_likelihood_shared(x[rows], logits)  # one matrix product
             jensen[rows] += (ll @ wc).double()
-            # logsumexp(ll + log w) in place: torch.logsumexp would allocate three more (batch, chunk) temporaries
+            # logsumexp(ll + log w), in place in ll's buffer: no further (batch, chunk) temporaries
             log_joint = ll.add_(log_wc)
             top = log_joint.amax(-1)
             chunk_log_px = log_joint.sub_(top.unsqueeze(-1)).exp_().sum(-1).log_() + top

@@ -91,6 +91,11 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, overwrite: b
     return _BernoulliLogLikelihood.apply(x, logits, overwrite)
 
 
+def bernoulli_log_likelihood_formula(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The same log p(x|z) as bernoulli_log_likelihood, left to autograd (or to torch.compile)."""
+    return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+
+
 def bernoulli_log_likelihood_shared(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log p(x_b|z_s) = x_b . l_s - sum_d softplus(l_sd) for every pair: x (B, D), logits (S, D) -> (B, S).
 
@@ -182,8 +187,7 @@ class LatentVariableModel(nn.Module):
         first call. Inductor is given the plain formula and fuses its element-wise work itself."""
 
         def log_px_given_z(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            logits = self.decode(z)
-            return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+            return bernoulli_log_likelihood_formula(x, self.decode(z))
 
         self._log_px_given_z = torch.compile(log_px_given_z, **options)
 
