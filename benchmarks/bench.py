@@ -52,7 +52,7 @@ from vae_cli.config import register_configs, validate
 from vae_cli.models import N_PIXELS, bernoulli_log_likelihood_formula, build_model
 from vae_cli.objectives import OBJECTIVES
 from vae_cli.rundir import write_json
-from vae_cli.training import micro_batch_size, set_process_speed_settings, speed_options, train_step
+from vae_cli.training import apply_speed_options, describe_device, micro_batch_size, set_process_speed_settings, train_step
 
 OBJECTIVE_NAMES = ("jensen", "prior_iwae", "elbo", "iwae")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_mkl_linear"}
@@ -195,11 +195,8 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
 
         return Variant(kind, objective, cfg, device, step, ref, B * S, False, {"micro_batch": B})
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    speed = speed_options(cfg, device)
-    if cfg.compile:
-        model.compile_likelihood()
+    speed, autocast = apply_speed_options(cfg, model, device)
     mb = cfg.batch_size if kind == "w/o micro-batches" else micro_batch_size(cfg, device)
-    autocast = torch.bfloat16 if cfg.cuda.bf16 else None
     obj = OBJECTIVES[objective]
     if kind == "w/o fused lik.":  # autograd's graph of the formula
         model._log_px_given_z = lambda x, z: bernoulli_log_likelihood_formula(x, model.decode(z))
@@ -403,7 +400,7 @@ def run_bench(args) -> dict[str, Any]:
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     matmul_s: list[float] = []
-    print(f"bench: {len(variants)} variants, {args.warmup} warm-up + {args.rounds} timed rounds on {describe(device)}; data: {source}",
+    print(f"bench: {len(variants)} variants, {args.warmup} warm-up + {args.rounds} timed rounds on {describe_device(device)}; data: {source}",
           flush=True)
     for i in range(args.warmup):  # compile, allocator and first-touch costs
         time_matmul(device, a, b)
@@ -450,7 +447,7 @@ def run_bench(args) -> dict[str, Any]:
         print(f"  measured {v.objective}/{v.name}", flush=True)
     result = {
         "vae_cli_version": vae_cli.__version__, "torch_version": torch.__version__, "python": platform.python_version(),
-        "device": describe(device), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "device": describe_device(device), "machine": platform.machine(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
         "data": source, "quick": args.quick, "rounds": args.rounds, "warmup": args.warmup, "process_settings": settings,
         "config": {"batch_size": cfg.batch_size, "n_samples": cfg.n_samples, "K": cfg.K, "hidden": cfg.model.hidden,
                    "depth": cfg.model.depth, "overrides": args.set},
@@ -490,12 +487,6 @@ def check_targets(rows: list[dict[str, Any]], device: torch.device, overrides: l
         for t in targets:
             t["note"] = "stated for the default config on the 2-core CPU"
     return targets
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -551,7 +542,7 @@ def compare_shared(args) -> dict[str, Any]:
     x_test = data.test[: args.eval_images]
     n, width = points_per_dim(cfg.eval.quadrature_points, cfg.K), cfg.eval.quadrature_half_width
     out: dict[str, Any] = {"seconds_per_run": args.compare_shared, "data": data.source, "n_test_images": len(x_test),
-                           "quadrature_points": n**cfg.K, "device": describe(device), "runs": []}
+                           "quadrature_points": n**cfg.K, "device": describe_device(device), "runs": []}
     for objective in ("jensen", "prior_iwae"):
         runs = [make_variant(kind, objective, args, device, data.pixel_means) for kind in ("vae-cli", "vae-cli shared")]
         spent = [0.0, 0.0]

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import importlib.metadata
 import logging
-import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from vae_cli.errors import DataError
+from vae_cli.rundir import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def build_mnist_from_hub(pickle_path: Path, raw: Path) -> None:
         if digest != MNIST_MD5[fname]:
             raise DataError(f"MNIST rebuilt from {pickle_path} has md5 {digest} for {fname}, expected {MNIST_MD5[fname]}")
     for fname, blob in blobs.items():
-        _atomic_write(raw / fname, blob)
+        atomic_write_bytes(raw / fname, blob)
 
 
 # --- Fashion-MNIST from Debian's package ----------------------------------------------------------
@@ -242,15 +242,7 @@ def build_fashion_from_debian(src: Path, raw: Path) -> None:
         if not gz.is_file():
             raise DataError(f"Fashion-MNIST file {gz} is missing: reinstall Debian's dataset-fashion-mnist")
         with gzip.open(gz, "rb") as f:
-            _atomic_write(raw / fname, f.read())
-
-
-def _atomic_write(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+            atomic_write_bytes(raw / fname, f.read())
 
 
 # --- Synthetic data (tests and smoke runs only) ---------------------------------------------------

@@ -15,7 +15,7 @@ import vae_cli
 from vae_cli.config import validate
 from vae_cli.data import load_data
 from vae_cli.errors import ConfigError, NonFiniteError, RunDirError
-from vae_cli.models import N_PIXELS, build_model
+from vae_cli.models import N_PIXELS, LatentVariableModel, build_model
 from vae_cli.objectives import OBJECTIVES, Objective
 from vae_cli.plotting import save_loss_plot, save_sample_grids
 from vae_cli.resume import Checkpointer, StopSignals, check_finite, failure, prepare, write_stopped_summary
@@ -84,16 +84,22 @@ def train_step(model, optimizer, objective: Objective, x: torch.Tensor, n_sample
     return {name: value.item() for name, value in totals.items()}
 
 
-def speed_options(cfg: DictConfig, device: torch.device) -> dict[str, bool]:
-    """The speed options of this run, as summary.json records them; sets TF32 matmuls on CUDA."""
+def apply_speed_options(
+    cfg: DictConfig, model: LatentVariableModel, device: torch.device
+) -> tuple[dict[str, bool], torch.dtype | None]:
+    """Sets this run's speed options up (TF32 matmuls on CUDA, compile) and returns them as
+    summary.json records them, with the autocast dtype of train_step (cuda.bf16)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.cuda.tf32)
-    return {
+    if cfg.compile:
+        model.compile_likelihood()
+    options = {
         "shared_samples": bool(cfg.objective.get("shared_samples", False)),
         "compile": bool(cfg.compile),
         "tf32": bool(cfg.cuda.tf32),
         "bf16": bool(cfg.cuda.bf16),
     }
+    return options, torch.bfloat16 if cfg.cuda.bf16 else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,10 +149,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | N
     log.info("data: %s, %d training images, binarization %s", data.source, len(data.train), cfg.data.binarization)
     objective = OBJECTIVES[cfg.objective.name]
     model = build_model(cfg, objective.uses_encoder, data.pixel_means).to(device)
-    speed = speed_options(cfg, device)
-    if cfg.compile:
-        model.compile_likelihood()
-    autocast = torch.bfloat16 if cfg.cuda.bf16 else None
+    speed, autocast = apply_speed_options(cfg, model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     checkpoints = Checkpointer(run_dir, model, optimizer, cfg, device)
     first_step = checkpoints.begin(start_point, run_dir / LOSSES)  # restores every RNG state last
