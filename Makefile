@@ -7,7 +7,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint and format) and the import contracts of pyproject.toml
+lint: setup
+	$(BIN)/ruff check vae_cli benchmarks tests
+	$(BIN)/ruff format --check vae_cli benchmarks tests
+	$(BIN)/lint-imports --no-cache
 
 # Steps per second against a plain reference step, the matmul floor, memory, eval seconds: bench.json.
 # BENCH_ARGS=--quick for a short run; see benchmarks/bench.py --help.

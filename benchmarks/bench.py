@@ -24,6 +24,7 @@ Writes bench.json.
 
     python benchmarks/bench.py [--quick] [--compile] [--compare-shared SECONDS] [--set KEY=VALUE ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,32 +36,46 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import distributions as dist
-from torch import nn
-
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from torch import distributions as dist
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+# The profiler's memory timeline names its allocation actions only in this private module.
+from torch.profiler._memory_profiler import Action
 
 import vae_cli
-from vae_cli.config import register_configs, validate
-from vae_cli.models import N_PIXELS, bernoulli_log_likelihood_formula, build_model
+from vae_cli import estimators, pipeline
+from vae_cli.config import IMPORTANCE_K, data_config, micro_batch_size, model_spec, register_configs, validate
+from vae_cli.data import load_data
+from vae_cli.device import describe_device, set_process_speed_settings
+from vae_cli.errors import DataError
+from vae_cli.evaluation import points_per_dim
+from vae_cli.models import N_PIXELS, build_model
 from vae_cli.objectives import OBJECTIVES
-from vae_cli.rundir import write_json
-from vae_cli.training import apply_speed_options, describe_device, micro_batch_size, set_process_speed_settings, train_step
+from vae_cli.rundir import EVAL, read_json, write_json
+from vae_cli.training import apply_speed_options, train_step
 
 OBJECTIVE_NAMES = ("jensen", "prior_iwae", "elbo", "iwae")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_mkl_linear"}
 MATMUL_SIZE = 2048  # the rate probe: (2048, 2048) @ (2048, 2048) in float32
 PROFILED_STEPS = 3
 # vae-cli with one of its changes taken back, to show what each bought
-ABLATIONS = {"w/o fused lik.": "the fused likelihood", "w/o micro-batches": "micro-batches",
-             "w/o denormal flush": "flushing denormals", "w/o in-place ELU": "in-place ELU"}
+ABLATIONS = {
+    "w/o fused lik.": "the fused likelihood",
+    "w/o micro-batches": "micro-batches",
+    "w/o denormal flush": "flushing denormals",
+    "w/o in-place ELU": "in-place ELU",
+}
 ABLATED_OBJECTIVES = ("jensen", "prior_iwae")
 # Targets of issue 6 for the default config on the CPU
 TARGET_SPEEDUP = 1.5  # jensen and prior_iwae steps against the reference step
@@ -85,14 +100,13 @@ def compose_config(args, overrides: list[str]):
     return cfg
 
 
-def load_batches(cfg, n: int, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, str]:
+def load_batches(
+    cfg, n: int, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, str]:
     """n training batches, the training pixel means and the test images: MNIST when its files are
     there, else random binary images (the speed does not depend on the pixel values)."""
-    from vae_cli.data import load_data
-    from vae_cli.errors import DataError
-
     try:
-        data = load_data(cfg.data, cfg.seed, device)
+        data = load_data(data_config(cfg), cfg.seed, device)
     except DataError as exc:
         g = torch.Generator().manual_seed(0)
         means = torch.rand(N_PIXELS, generator=g) * 0.5
@@ -125,7 +139,9 @@ class Reference(nn.Module):
     def loss(self, name: str, x: torch.Tensor, S: int) -> torch.Tensor:
         B = x.shape[0]
         # validate_args=False: the default support check would add passes over (B, S, 784) to the reference.
-        prior = dist.Normal(torch.zeros(self.K, device=x.device), torch.ones(self.K, device=x.device), validate_args=False)
+        prior = dist.Normal(
+            torch.zeros(self.K, device=x.device), torch.ones(self.K, device=x.device), validate_args=False
+        )
         if self.encoder is None:
             z = prior.sample((B, S))  # (B, S, K): independent samples per image
         else:
@@ -139,7 +155,9 @@ class Reference(nn.Module):
         if name == "prior_iwae":
             return -(torch.logsumexp(log_px_z, 1) - math.log(S)).mean()
         if name == "elbo":
-            kl = dist.kl_divergence(q, dist.Normal(torch.zeros_like(mu), torch.ones_like(mu), validate_args=False)).sum(-1)
+            kl = dist.kl_divergence(q, dist.Normal(torch.zeros_like(mu), torch.ones_like(mu), validate_args=False)).sum(
+                -1
+            )
             return -(log_px_z.mean(1) - kl).mean()
         log_w = log_px_z + prior.log_prob(z).sum(-1) - q.log_prob(z.transpose(0, 1)).sum(-1).T
         return -(torch.logsumexp(log_w, 1) - math.log(S)).mean()
@@ -177,7 +195,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
     cfg = compose_config(args, overrides)
     uses_encoder = OBJECTIVES[objective].uses_encoder
     torch.manual_seed(0)
-    model = build_model(cfg, uses_encoder, pixel_means).to(device)
+    model = build_model(model_spec(cfg), pixel_means).to(device)
     B, S = cfg.batch_size, cfg.n_samples
     if kind == "reference":
         ref = Reference(cfg, uses_encoder).to(device)
@@ -199,14 +217,14 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
     mb = cfg.batch_size if kind == "w/o micro-batches" else micro_batch_size(cfg, device)
     obj = OBJECTIVES[objective]
     if kind == "w/o fused lik.":  # autograd's graph of the formula
-        model._log_px_given_z = lambda x, z: bernoulli_log_likelihood_formula(x, model.decode(z))
+        model.use_autograd_likelihood()
     if kind == "w/o in-place ELU":
         for module in model.modules():
             if isinstance(module, nn.ELU):
                 module.inplace = False
 
     def step(x: torch.Tensor) -> float:
-        return train_step(model, opt, obj, x, S, mb, cfg.objective, autocast)["loss"]
+        return train_step(model, opt, obj, x, S, mb, bool(cfg.objective.get("shared_samples", False)), autocast)["loss"]
 
     def step_with_denormals(x: torch.Tensor) -> float:
         torch.set_flush_denormal(False)
@@ -217,7 +235,9 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
 
     shared = speed["shared_samples"]
     run = step_with_denormals if kind == "w/o denormal flush" else step
-    return Variant(kind, objective, cfg, device, run, model, S if shared else mb * S, shared, {"micro_batch": mb, **speed})
+    return Variant(
+        kind, objective, cfg, device, run, model, S if shared else mb * S, shared, {"micro_batch": mb, **speed}
+    )
 
 
 def variant_kinds(objective: str, args) -> list[str]:
@@ -286,9 +306,10 @@ def tensor_peak(v: Variant, x: torch.Tensor) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(v.device)
         before = torch.cuda.memory_allocated(v.device)
         v.step(x)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(v.device) - before, "measures": "torch.cuda.max_memory_allocated"}
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
+        return {
+            "peak_bytes": torch.cuda.max_memory_allocated(v.device) - before,
+            "measures": "torch.cuda.max_memory_allocated",
+        }
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         v.step(x)
@@ -318,7 +339,11 @@ def memory_probe(args) -> None:
     before = rss_bytes("VmRSS")
     v.step(batches[1])
     peak = rss_bytes("VmHWM") - before
-    print(json.dumps({"peak_bytes": peak, "measures": "resident-set high-water mark over the step (VmHWM - VmRSS before it)"}))
+    print(
+        json.dumps(
+            {"peak_bytes": peak, "measures": "resident-set high-water mark over the step (VmHWM - VmRSS before it)"}
+        )
+    )
 
 
 def measure_memory(objective: str, kind: str, args) -> dict[str, Any]:
@@ -343,7 +368,6 @@ def profile_split(v: Variant, batches: list[torch.Tensor], s_per_step: float) ->
     """Seconds of a step in matrix products (self time of the mm family, the median of a profiled
     step per batch) and in everything else: the unprofiled median step time less the matmul
     time, so the profiler's own overhead is not counted as element-wise work."""
-    from torch.profiler import ProfilerActivity, profile
 
     if v.device.type != "cpu":
         return {"note": "the split is profiled on the CPU only"}
@@ -357,8 +381,15 @@ def profile_split(v: Variant, batches: list[torch.Tensor], s_per_step: float) ->
         matmul.append(sum(e.self_cpu_time_total for e in ops if e.key in MATMUL_OPS) / 1e6)
         top = {e.key: round(e.self_cpu_time_total / 1e6, 4) for e in ops[:10]}
     mm, total = statistics.median(matmul), statistics.median(profiled)
-    return {"profiled_s": total, "matmul_s": mm, "other_s": s_per_step - mm, "other_over_matmul": (s_per_step - mm) / mm,
-            "other_over_matmul_profiled": (total - mm) / mm, "profiled_steps": len(batches), "top_ops_self_s": top}
+    return {
+        "profiled_s": total,
+        "matmul_s": mm,
+        "other_s": s_per_step - mm,
+        "other_over_matmul": (s_per_step - mm) / mm,
+        "other_over_matmul_profiled": (total - mm) / mm,
+        "profiled_steps": len(batches),
+        "top_ops_self_s": top,
+    }
 
 
 # --- evaluation estimators --------------------------------------------------------------------------
@@ -367,19 +398,18 @@ def profile_split(v: Variant, batches: list[torch.Tensor], s_per_step: float) ->
 def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.device, args) -> dict[str, Any]:
     """Seconds of the default quadrature grid and of importance sampling at the default k, as
     vae-eval runs them (vae-eval also runs the grid at twice the spacing: a quarter of the points)."""
-    from vae_cli import estimators
-    from vae_cli.evaluate import IMPORTANCE_K, points_per_dim
-
     cfg = compose_config(args, ["objective=iwae", f"device={device.type}"])
     torch.manual_seed(0)
-    model = build_model(cfg, True, pixel_means).to(device)
+    model = build_model(model_spec(cfg), pixel_means).to(device)
     x = test[: args.eval_images]
     n, width = points_per_dim(cfg.eval.quadrature_points, cfg.K), cfg.eval.quadrature_half_width
     k = cfg.eval.importance_k or IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
     out: dict[str, Any] = {"n_images": len(x), "quadrature_points": n**cfg.K, "importance_k": k}
     with torch.inference_mode():
-        for name, fn in (("quadrature_s", lambda: estimators.log_px_quadrature(model, x, n, width)),
-                         ("importance_s", lambda: estimators.log_px_importance(model, x, k))):
+        for name, fn in (
+            ("quadrature_s", lambda: estimators.log_px_quadrature(model, x, n, width)),
+            ("importance_s", lambda: estimators.log_px_importance(model, x, k)),
+        ):
             sync(device)
             start = time.perf_counter()
             fn()
@@ -393,15 +423,19 @@ def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.de
 
 def run_bench(args) -> dict[str, Any]:
     device = torch.device(args.device)
-    settings = set_process_speed_settings(device, heap=not args.no_heap_tuning)  # as train() does, for every variant alike
+    settings = set_process_speed_settings(
+        device, heap=not args.no_heap_tuning
+    )  # as train() does, for every variant alike
     cfg = compose_config(args, [f"device={device.type}"])
     batches, means, test, source = load_batches(cfg, args.rounds + args.warmup, device)
     variants = [make_variant(kind, o, args, device, means) for o in args.objectives for kind in variant_kinds(o, args)]
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     matmul_s: list[float] = []
-    print(f"bench: {len(variants)} variants, {args.warmup} warm-up + {args.rounds} timed rounds on {describe_device(device)}; data: {source}",
-          flush=True)
+    print(
+        f"bench: {len(variants)} variants, {args.warmup} warm-up + {args.rounds} timed rounds on {describe_device(device)}; data: {source}",
+        flush=True,
+    )
     for i in range(args.warmup):  # compile, allocator and first-touch costs
         time_matmul(device, a, b)
         for v in variants:
@@ -420,7 +454,11 @@ def run_bench(args) -> dict[str, Any]:
             sync(device)
             v.wall.append(time.perf_counter() - wall)
             v.cpu.append(time.process_time() - cpu)
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{v.objective}/{v.name} {v.wall[-1]:.3f}s" for v in variants), flush=True)
+        print(
+            f"  round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{v.objective}/{v.name} {v.wall[-1]:.3f}s" for v in variants),
+            flush=True,
+        )
     rate = 2 * MATMUL_SIZE**3 / statistics.median(matmul_s)
 
     rows = []
@@ -429,11 +467,20 @@ def run_bench(args) -> dict[str, Any]:
         s = median[v.objective, v.name]
         flops = step_flops(v.cfg, OBJECTIVES[v.objective].uses_encoder, v.shared)
         row = {
-            "objective": v.objective, "variant": v.name, "s_per_step": s, "it_per_s": 1 / s,
-            "s_per_step_min": min(v.wall), "cpu_s_per_step": statistics.median(v.cpu),
-            "speedup_vs_reference": median[v.objective, "reference"] / s, "first_step_s": v.first_step_s,
-            "flops_per_step": flops, "floor_s": flops / rate, "fraction_of_floor": flops / rate / s,
-            "memory_needed_bytes": memory_needed(v.cfg, v.pass_rows), "pass_rows": v.pass_rows, "options": v.options,
+            "objective": v.objective,
+            "variant": v.name,
+            "s_per_step": s,
+            "it_per_s": 1 / s,
+            "s_per_step_min": min(v.wall),
+            "cpu_s_per_step": statistics.median(v.cpu),
+            "speedup_vs_reference": median[v.objective, "reference"] / s,
+            "first_step_s": v.first_step_s,
+            "flops_per_step": flops,
+            "floor_s": flops / rate,
+            "fraction_of_floor": flops / rate / s,
+            "memory_needed_bytes": memory_needed(v.cfg, v.pass_rows),
+            "pass_rows": v.pass_rows,
+            "options": v.options,
         }
         if v.name not in ("reference", "vae-cli") and (v.objective, "vae-cli") in median:  # at equal n_samples
             row["speedup_vs_vae_cli"] = median[v.objective, "vae-cli"] / s
@@ -446,13 +493,29 @@ def run_bench(args) -> dict[str, Any]:
         rows.append(row)
         print(f"  measured {v.objective}/{v.name}", flush=True)
     result = {
-        "vae_cli_version": vae_cli.__version__, "torch_version": torch.__version__, "python": platform.python_version(),
-        "device": describe_device(device), "machine": platform.machine(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-        "data": source, "quick": args.quick, "rounds": args.rounds, "warmup": args.warmup, "process_settings": settings,
-        "config": {"batch_size": cfg.batch_size, "n_samples": cfg.n_samples, "K": cfg.K, "hidden": cfg.model.hidden,
-                   "depth": cfg.model.depth, "overrides": args.set},
+        "vae_cli_version": vae_cli.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "device": describe_device(device),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "data": source,
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "process_settings": settings,
+        "config": {
+            "batch_size": cfg.batch_size,
+            "n_samples": cfg.n_samples,
+            "K": cfg.K,
+            "hidden": cfg.model.hidden,
+            "depth": cfg.model.depth,
+            "overrides": args.set,
+        },
         "cuda_options": {"tf32": args.tf32, "bf16": args.bf16, "compile": args.compile},
-        "matmul_rate_flops": rate, "matmul_probe": f"({MATMUL_SIZE}, {MATMUL_SIZE}) @ ({MATMUL_SIZE}, {MATMUL_SIZE}) float32, median over the rounds",
+        "matmul_rate_flops": rate,
+        "matmul_probe": f"({MATMUL_SIZE}, {MATMUL_SIZE}) @ ({MATMUL_SIZE}, {MATMUL_SIZE}) float32, median over the rounds",
         "steps": rows,
     }
     if not args.no_eval:
@@ -470,19 +533,35 @@ def check_targets(rows: list[dict[str, Any]], device: torch.device, overrides: l
 
     for r in rows:
         if r["variant"] == "vae-cli" and r["objective"] in ("jensen", "prior_iwae"):
-            add(f"{r['objective']}: step speed-up over the reference >= {TARGET_SPEEDUP}x", r["speedup_vs_reference"],
-                TARGET_SPEEDUP, r["speedup_vs_reference"] >= TARGET_SPEEDUP)
+            add(
+                f"{r['objective']}: step speed-up over the reference >= {TARGET_SPEEDUP}x",
+                r["speedup_vs_reference"],
+                TARGET_SPEEDUP,
+                r["speedup_vs_reference"] >= TARGET_SPEEDUP,
+            )
             if "other_over_matmul" in r.get("profile", {}):
                 other = r["profile"]["other_over_matmul"]
-                add(f"{r['objective']}: non-matmul time <= {TARGET_OTHER_OVER_MATMUL:.0%} of matmul time", other,
-                    TARGET_OTHER_OVER_MATMUL, other <= TARGET_OTHER_OVER_MATMUL)
+                add(
+                    f"{r['objective']}: non-matmul time <= {TARGET_OTHER_OVER_MATMUL:.0%} of matmul time",
+                    other,
+                    TARGET_OTHER_OVER_MATMUL,
+                    other <= TARGET_OTHER_OVER_MATMUL,
+                )
         if r["variant"] == "vae-cli" and r.get("memory", {}).get("peak_bytes") is not None:
             factor = r["memory"]["peak_bytes"] / r["memory_needed_bytes"]
-            add(f"{r['objective']}: peak tensor memory <= {TARGET_MEMORY_FACTOR}x (logits + activations)", factor,
-                TARGET_MEMORY_FACTOR, factor <= TARGET_MEMORY_FACTOR)
+            add(
+                f"{r['objective']}: peak tensor memory <= {TARGET_MEMORY_FACTOR}x (logits + activations)",
+                factor,
+                TARGET_MEMORY_FACTOR,
+                factor <= TARGET_MEMORY_FACTOR,
+            )
         if r["variant"] == "vae-cli shared":
-            add(f"{r['objective']}: shared samples >= {TARGET_SHARED_SPEEDUP:.0f}x independent ones", r["speedup_vs_vae_cli"],
-                TARGET_SHARED_SPEEDUP, r["speedup_vs_vae_cli"] >= TARGET_SHARED_SPEEDUP)
+            add(
+                f"{r['objective']}: shared samples >= {TARGET_SHARED_SPEEDUP:.0f}x independent ones",
+                r["speedup_vs_vae_cli"],
+                TARGET_SHARED_SPEEDUP,
+                r["speedup_vs_vae_cli"] >= TARGET_SHARED_SPEEDUP,
+            )
     if device.type != "cpu" or overrides:
         for t in targets:
             t["note"] = "stated for the default config on the 2-core CPU"
@@ -491,10 +570,14 @@ def check_targets(rows: list[dict[str, Any]], device: torch.device, overrides: l
 
 def print_table(result: dict[str, Any]) -> None:
     settings = ", ".join(f"{k}={v}" for k, v in result["process_settings"].items())
-    print(f"\n{result['device']}, torch {result['torch_version']}, load average {result['load_average'][0]:.1f}; "
-          f"matmul rate {result['matmul_rate_flops'] / 1e9:.0f} GFLOP/s; medians of {result['rounds']} rounds; {settings}")
-    head = (f"{'objective':<11} {'variant':<18} {'s/step':>8} {'it/s':>7} {'vs ref':>7} {'GFLOP':>6} {'floor s':>8} "
-            f"{'of floor':>8} {'mm s':>6} {'other s':>7} {'oth/mm':>6} {'peak MB':>8} {'need MB':>8} {'peak/need':>9} {'RSS MB':>7}")
+    print(
+        f"\n{result['device']}, torch {result['torch_version']}, load average {result['load_average'][0]:.1f}; "
+        f"matmul rate {result['matmul_rate_flops'] / 1e9:.0f} GFLOP/s; medians of {result['rounds']} rounds; {settings}"
+    )
+    head = (
+        f"{'objective':<11} {'variant':<18} {'s/step':>8} {'it/s':>7} {'vs ref':>7} {'GFLOP':>6} {'floor s':>8} "
+        f"{'of floor':>8} {'mm s':>6} {'other s':>7} {'oth/mm':>6} {'peak MB':>8} {'need MB':>8} {'peak/need':>9} {'RSS MB':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in result["steps"]:
@@ -502,76 +585,105 @@ def print_table(result: dict[str, Any]) -> None:
         peak, rss = m.get("peak_bytes"), r.get("resident_memory", {}).get("peak_bytes")
         need = r["memory_needed_bytes"]
         cells = [
-            f"{r['objective']:<11}", f"{r['variant']:<18}", f"{r['s_per_step']:8.3f}", f"{r['it_per_s']:7.2f}",
-            f"{r['speedup_vs_reference']:6.2f}x", f"{r['flops_per_step'] / 1e9:6.1f}", f"{r['floor_s']:8.3f}",
-            f"{r['fraction_of_floor']:7.0%} ", f"{p.get('matmul_s', math.nan):6.2f}", f"{p.get('other_s', math.nan):7.2f}",
-            f"{p.get('other_over_matmul', math.nan):6.2f}", f"{peak / 1e6 if peak is not None else math.nan:8.0f}",
-            f"{need / 1e6:8.0f}", f"{peak / need if peak is not None else math.nan:9.2f}",
+            f"{r['objective']:<11}",
+            f"{r['variant']:<18}",
+            f"{r['s_per_step']:8.3f}",
+            f"{r['it_per_s']:7.2f}",
+            f"{r['speedup_vs_reference']:6.2f}x",
+            f"{r['flops_per_step'] / 1e9:6.1f}",
+            f"{r['floor_s']:8.3f}",
+            f"{r['fraction_of_floor']:7.0%} ",
+            f"{p.get('matmul_s', math.nan):6.2f}",
+            f"{p.get('other_s', math.nan):7.2f}",
+            f"{p.get('other_over_matmul', math.nan):6.2f}",
+            f"{peak / 1e6 if peak is not None else math.nan:8.0f}",
+            f"{need / 1e6:8.0f}",
+            f"{peak / need if peak is not None else math.nan:9.2f}",
             f"{rss / 1e6 if rss is not None else math.nan:7.0f}",
         ]
         print(" ".join(cells))
     for r in result["steps"]:
         if r["variant"] in ABLATIONS:
-            print(f"{r['objective']}: {ABLATIONS[r['variant']]} buys {1 / r['speedup_vs_vae_cli']:.2f}x "
-                  f"({r['s_per_step']:.3f} s/step without it)")
+            print(
+                f"{r['objective']}: {ABLATIONS[r['variant']]} buys {1 / r['speedup_vs_vae_cli']:.2f}x "
+                f"({r['s_per_step']:.3f} s/step without it)"
+            )
         elif "speedup_vs_vae_cli" in r:
-            print(f"{r['objective']}: {r['variant']} {r['speedup_vs_vae_cli']:.1f}x the vae-cli step at equal n_samples")
+            print(
+                f"{r['objective']}: {r['variant']} {r['speedup_vs_vae_cli']:.1f}x the vae-cli step at equal n_samples"
+            )
     if "eval" in result:
         e = result["eval"]
-        print(f"eval on {e['n_images']} test images: quadrature ({e['quadrature_points']} points, decoded once) "
-              f"{e['quadrature_s']:.2f} s, importance (k={e['importance_k']} per image) {e['importance_s']:.2f} s")
+        print(
+            f"eval on {e['n_images']} test images: quadrature ({e['quadrature_points']} points, decoded once) "
+            f"{e['quadrature_s']:.2f} s, importance (k={e['importance_k']} per image) {e['importance_s']:.2f} s"
+        )
     for t in result["targets"]:
-        print(f"target {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['value']:.2f}" + (f" ({t['note']})" if "note" in t else ""))
+        print(
+            f"target {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['value']:.2f}"
+            + (f" ({t['note']})" if "note" in t else "")
+        )
 
 
 # --- shared against independent samples at equal wall time ---------------------------------------------
 
 
 def compare_shared(args) -> dict[str, Any]:
-    """Train with independent and with shared prior samples, one step of each in turn, until each has
-    spent `seconds` in its own steps; then the final loss and the test log p(x) (quadrature)."""
-    from vae_cli import estimators
-    from vae_cli.data import load_data
-    from vae_cli.evaluate import points_per_dim
-    from vae_cli.rundir import mean_and_stderr
-
+    """Train with independent and with shared prior samples for about `seconds` each, through the
+    real vae-train pipeline (steps sized from a timed first few), then compare the final loss and
+    the test log p(x) (quadrature) from each run's own summary.json and eval.json."""
     device = torch.device(args.device)
     set_process_speed_settings(device, heap=not args.no_heap_tuning)
-    cfg = compose_config(args, [f"device={device.type}"])
-    data = load_data(cfg.data, cfg.seed, device)
-    x_test = data.test[: args.eval_images]
-    n, width = points_per_dim(cfg.eval.quadrature_points, cfg.K), cfg.eval.quadrature_half_width
-    out: dict[str, Any] = {"seconds_per_run": args.compare_shared, "data": data.source, "n_test_images": len(x_test),
-                           "quadrature_points": n**cfg.K, "device": describe_device(device), "runs": []}
-    for objective in ("jensen", "prior_iwae"):
-        runs = [make_variant(kind, objective, args, device, data.pixel_means) for kind in ("vae-cli", "vae-cli shared")]
-        spent = [0.0, 0.0]
-        losses: list[list[float]] = [[], []]
-        torch.manual_seed(1)
-        while min(spent) < args.compare_shared:
-            for i, v in enumerate(runs):
-                if spent[i] >= args.compare_shared:
-                    continue
-                x = data.batch(cfg.batch_size)
-                sync(device)
+    base = compose_config(args, [f"device={device.type}"])
+    batches, means, _, source = load_batches(base, 4, device)
+    out: dict[str, Any] = {
+        "seconds_per_run": args.compare_shared,
+        "data": source,
+        "device": describe_device(device),
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="vae-cli-bench-") as tmp:
+        for objective in ("jensen", "prior_iwae"):
+            for kind in ("vae-cli", "vae-cli shared"):
+                v = make_variant(kind, objective, args, device, means)
+                v.step(batches[0])  # warm-up
                 start = time.perf_counter()
-                losses[i].append(v.step(x))
+                for x in batches[1:]:
+                    v.step(x)
                 sync(device)
-                spent[i] += time.perf_counter() - start
-        for i, v in enumerate(runs):
-            model = v.model
-            with torch.inference_mode():
-                log_px = estimators.log_px_quadrature(model, x_test, n, width)
-                test_loss = torch.stack([OBJECTIVES[objective](model, xb, cfg.n_samples).loss for xb in x_test.split(100)]).mean()
-            final, final_se = mean_and_stderr(losses[i][-50:])
-            lp, lp_se = mean_and_stderr(log_px.tolist())
-            run = {"objective": objective, "samples": "shared" if v.shared else "independent", "steps": len(losses[i]),
-                   "seconds": spent[i], "final_loss": final, "final_loss_stderr": final_se,
-                   "test_loss_independent_samples": test_loss.item(), "test_log_px": lp, "test_log_px_stderr": lp_se}
-            out["runs"].append(run)
-            print(f"{objective:<11} {run['samples']:<12} {run['steps']:6d} steps in {run['seconds']:6.1f} s: final loss "
-                  f"{final:7.2f} +- {final_se:.2f}, test loss {run['test_loss_independent_samples']:7.2f}, "
-                  f"test log p(x) {lp:8.2f} +- {lp_se:.2f}", flush=True)
+                steps = max(1, int(args.compare_shared / ((time.perf_counter() - start) / 3)))
+                overrides = [
+                    f"objective={objective}",
+                    f"objective.shared_samples={str(v.shared).lower()}",
+                    f"n_train_iters={steps}",
+                    f"checkpoint_every={steps}",
+                    f"device={device.type}",
+                    "progress=false",
+                ]
+                if args.eval_images:
+                    overrides.append(f"eval.n_images={args.eval_images}")
+                run_dir = Path(tmp) / f"{objective}-{'shared' if v.shared else 'independent'}"
+                summary = pipeline.train(compose_config(args, overrides), run_dir)
+                ev = read_json(run_dir / EVAL)
+                run = {
+                    "objective": objective,
+                    "samples": "shared" if v.shared else "independent",
+                    "steps": steps,
+                    "seconds": summary["train_seconds"],
+                    "final_loss": summary["final_loss"],
+                    "final_loss_stderr": summary["final_loss_stderr"],
+                    "test_log_px": ev["log_px"],
+                    "test_log_px_stderr": ev["log_px_stderr"],
+                    "estimator": ev["estimator"],
+                    "n_test_images": ev["n_images"],
+                }
+                out["runs"].append(run)
+                print(
+                    f"{objective:<11} {run['samples']:<12} {steps:6d} steps in {run['seconds']:6.1f} s: final loss "
+                    f"{run['final_loss']:7.2f} +- {run['final_loss_stderr']:.2f}, test log p(x) "
+                    f"{run['test_log_px']:8.2f} +- {run['test_log_px_stderr']:.2f} ({run['estimator']})",
+                    flush=True,
+                )
     return out
 
 
@@ -584,19 +696,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="add a variant with compile=true")
-    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None,
-                        help="vae-cli with each change taken back (default: on, off with --quick)")
+    parser.add_argument(
+        "--ablations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vae-cli with each change taken back (default: on, off with --quick)",
+    )
     parser.add_argument("--no-heap-tuning", action="store_true", help="leave glibc's heap thresholds at their defaults")
     parser.add_argument("--tf32", action="store_true", help="cuda.tf32=true for the vae-cli variants")
     parser.add_argument("--bf16", action="store_true", help="cuda.bf16=true for the vae-cli variants")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-eval", action="store_true")
-    parser.add_argument("--eval-images", type=int, default=None, help="test images for the estimators (default all, quick 100)")
-    parser.add_argument("--compare-shared", type=float, default=None, metavar="SECONDS",
-                        help="instead: train independent and shared samples for SECONDS each, interleaved, and compare")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides for every variant, as on the vae-train command line (the targets are for the defaults)")
+    parser.add_argument(
+        "--eval-images", type=int, default=None, help="test images for the estimators (default all, quick 100)"
+    )
+    parser.add_argument(
+        "--compare-shared",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="instead: train independent and shared samples for SECONDS each, interleaved, and compare",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every variant, as on the vae-train command line (the targets are for the defaults)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--memory-probe", nargs=2, metavar=("OBJECTIVE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -4,61 +4,17 @@
 The console script runs in-process (train_main with sys.argv set), so hypothesis can throw
 many overrides at it cheaply; two subprocess runs check the same from the installed script.
 """
-from __future__ import annotations
 
-import contextlib
-import io
-import os
-import sys
-import tempfile
-import warnings
-from pathlib import Path
+from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TINY, Reached, run_cli, vae_train
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from hydra.core.global_hydra import GlobalHydra
 
-import vae_cli.training
-from conftest import TINY, run_cli
-from vae_cli.cli import train_main
 from vae_cli.config import ACTIVATIONS, BINARIZATIONS, DATASETS, DEVICES
 from vae_cli.objectives import OBJECTIVES
-
-
-class Reached(BaseException):
-    """Raised instead of loading data: the command line was accepted."""
-
-
-def vae_train(args: list[str]) -> tuple[int | None, str, list[str]]:
-    """Run `vae-train ARGS` in-process in an empty directory: (exit code, stderr, files created).
-
-    Warnings are errors here: Hydra reports an exception in a callback as a warning."""
-    cwd = os.getcwd()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        err = io.StringIO()
-        saved_argv, saved_load = sys.argv, vae_cli.training.load_data
-        sys.argv = ["vae-train", *args]
-        vae_cli.training.load_data = _reached
-        try:
-            with contextlib.redirect_stderr(err), warnings.catch_warnings():
-                warnings.simplefilter("error")
-                train_main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            sys.argv, vae_cli.training.load_data = saved_argv, saved_load
-            GlobalHydra.instance().clear()
-            os.chdir(cwd)
-            created = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*"))
-    return code, err.getvalue(), created
-
-
-def _reached(*args, **kwargs):
-    raise Reached
 
 
 def assert_refused(args: list[str], *names: str) -> str:
@@ -129,7 +85,16 @@ def test_each_bad_value_is_one_line_naming_it(args, key, value, allowed):
 
 # --- hypothesis ---------------------------------------------------------------------------------------
 
-INT_KEYS = ["K", "n_samples", "batch_size", "n_train_iters", "checkpoint_every", "model.hidden", "model.depth", "data.n_train"]
+INT_KEYS = [
+    "K",
+    "n_samples",
+    "batch_size",
+    "n_train_iters",
+    "checkpoint_every",
+    "model.hidden",
+    "model.depth",
+    "data.n_train",
+]
 CHOICES = {
     "objective": tuple(OBJECTIVES),
     "data": DATASETS,
@@ -137,15 +102,25 @@ CHOICES = {
     "data.binarization": BINARIZATIONS,
     "model.activation": ACTIVATIONS,
 }
-KNOWN = set(INT_KEYS) | set(CHOICES) | {"lr", "seed", "micro_batch", "progress", "resume", "eval", "model", "data", "cuda", "compile"}
+KNOWN = (
+    set(INT_KEYS)
+    | set(CHOICES)
+    | {"lr", "seed", "micro_batch", "progress", "resume", "eval", "model", "data", "cuda", "compile"}
+)
 JUNK = st.text(alphabet="=[]{}()$,'\" ~+:@/\\%*?abK0123456789.-_", min_size=1, max_size=10)
 not_an_int = st.one_of(
     st.integers(max_value=0).map(str),
-    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False).filter(lambda f: not float(f).is_integer()).map(repr),
+    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False)
+    .filter(lambda f: not float(f).is_integer())
+    .map(repr),
     st.sampled_from(["", "abc", "true", "null", "[]", "{}", "[1]", "1e400", "${K", "'5'x", "0x"]),
     JUNK,
 )
-bad_lr = st.one_of(st.floats(max_value=0.0, allow_subnormal=False).map(repr), st.sampled_from(["inf", "nan", "-inf", "0", "abc", "", "[]", "null"]), JUNK)
+bad_lr = st.one_of(
+    st.floats(max_value=0.0, allow_subnormal=False).map(repr),
+    st.sampled_from(["inf", "nan", "-inf", "0", "abc", "", "[]", "null"]),
+    JUNK,
+)
 identifier = st.from_regex(r"[a-z][a-z_]{0,9}", fullmatch=True).filter(lambda k: k not in KNOWN)
 
 
@@ -160,7 +135,9 @@ def bad_override(draw) -> tuple[str, str]:
         return f"lr={draw(bad_lr)}", "lr"
     if kind == "choice":
         key = draw(st.sampled_from(sorted(CHOICES)))
-        value = draw(st.one_of(st.from_regex(r"[a-z_]{1,10}", fullmatch=True), JUNK).filter(lambda v: v not in CHOICES[key]))
+        value = draw(
+            st.one_of(st.from_regex(r"[a-z_]{1,10}", fullmatch=True), JUNK).filter(lambda v: v not in CHOICES[key])
+        )
         return f"{key}={value}", key
     key = draw(st.sampled_from(["", "model.", "data.", "eval."])) + draw(identifier)
     return f"{draw(st.sampled_from(['', '+', '++']))}{key}={draw(st.integers(0, 9))}", key

@@ -1,9 +1,9 @@
 """benchmarks/bench.py at tiny sizes: its variants compute the step they claim to, and a short
 run writes the fields the README's speed table is made from. (No timing is asserted.)"""
+
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY
 from torch import nn
 
-from conftest import TINY
+from benchmarks import bench as bench_module
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 SETTINGS = [o for o in TINY if not o.startswith(("progress", "device", "n_train_iters", "eval."))]
@@ -22,12 +23,7 @@ SETTINGS = [o for o in TINY if not o.startswith(("progress", "device", "n_train_
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench", None)
+    return bench_module
 
 
 def bench_args(**extra) -> argparse.Namespace:
@@ -75,20 +71,41 @@ def test_flops_count_every_matmul_of_the_default_step(bench):
     rows = 256 * 128
     per_row = 2 * (2 * 512 + 512 * 512 * 2 + 512 * 784)
     assert bench.mlp_flops(rows, sizes) == rows * per_row
-    # the brief's 1.8e11 FLOP per step: forward and backward of the decoder on 256 x 128 latents
-    assert 3 * rows * per_row == pytest.approx(1.82e11, rel=0.01)
 
 
 def test_short_run_writes_the_table_fields(bench, tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(BENCH), "--rounds", "1", "--warmup", "1", "--objectives", "jensen,elbo", "--ablations",
-           "--no-memory", "--eval-images", "16", "--device", "cpu", "--out", str(out), "--set", *SETTINGS]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--objectives",
+        "jensen,elbo",
+        "--ablations",
+        "--no-memory",
+        "--eval-images",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--set",
+        *SETTINGS,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     variants = {(r["objective"], r["variant"]) for r in result["steps"]}
-    assert {("jensen", "reference"), ("jensen", "vae-cli"), ("jensen", "vae-cli shared"), ("elbo", "reference"),
-            ("elbo", "vae-cli")} <= variants
+    assert {
+        ("jensen", "reference"),
+        ("jensen", "vae-cli"),
+        ("jensen", "vae-cli shared"),
+        ("elbo", "reference"),
+        ("elbo", "vae-cli"),
+    } <= variants
     assert {("jensen", kind) for kind in bench.ABLATIONS} <= variants
     for r in result["steps"]:
         assert r["s_per_step"] > 0 and r["flops_per_step"] > 0 and 0 < r["fraction_of_floor"]

@@ -1,4 +1,5 @@
 """The real console scripts in subprocesses, and the wheel installed into a fresh venv."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -28,7 +28,16 @@ def test_vae_train_runs_and_writes_its_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(["vae-train", *TINY, "eval.enabled=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for name in (".hydra/config.yaml", "losses.csv", "loss.png", "samples.png", "means.png", "checkpoint.pt", "summary.json", "train.log"):
+    for name in (
+        ".hydra/config.yaml",
+        "losses.csv",
+        "loss.png",
+        "samples.png",
+        "means.png",
+        "checkpoint.pt",
+        "summary.json",
+        "train.log",
+    ):
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert "final loss" in (run_dir / "train.log").read_text()
@@ -37,12 +46,25 @@ def test_vae_train_runs_and_writes_its_run_directory(tmp_path):
 def test_multirun_writes_one_run_directory_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(
-        ["vae-train", "-m", *TINY, "eval.enabled=false", "objective=jensen,elbo", "n_samples=1,2", f"hydra.sweep.dir={sweep}"],
+        [
+            "vae-train",
+            "-m",
+            *TINY,
+            "eval.enabled=false",
+            "objective=jensen,elbo",
+            "n_samples=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(4)]
-    assert sorted((s["objective"], s["n_samples"]) for s in summaries) == [("elbo", 1), ("elbo", 2), ("jensen", 1), ("jensen", 2)]
+    assert sorted((s["objective"], s["n_samples"]) for s in summaries) == [
+        ("elbo", 1),
+        ("elbo", 2),
+        ("jensen", 1),
+        ("jensen", 2),
+    ]
 
 
 def test_bad_value_gets_one_line_and_writes_nothing(tmp_path):
@@ -63,13 +85,27 @@ def test_wheel_ships_the_configs(tmp_path):
     elsewhere.mkdir()
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     wheel = next(wheels.glob("vae_cli-*.whl"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps", str(wheel)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     # The dependencies (torch, hydra, ...) come from this interpreter's site-packages, added as a
     # plain path: its .pth files (the editable install of this checkout) are not processed.
@@ -78,12 +114,19 @@ def test_wheel_ships_the_configs(tmp_path):
 
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import vae_cli.conf; print(vae_cli.conf.__file__)"],
-        cwd=elsewhere, capture_output=True, text=True, check=True,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert where.stdout.strip().startswith(str(venv_site))
-    job = subprocess.run([str(venv / "bin" / "vae-train"), "--cfg", "job"], cwd=elsewhere, capture_output=True, text=True)
+    job = subprocess.run(
+        [str(venv / "bin" / "vae-train"), "--cfg", "job"], cwd=elsewhere, capture_output=True, text=True
+    )
     assert job.returncode == 0, job.stderr
     assert "name: jensen" in job.stdout and "n_samples: 128" in job.stdout and "K: 2" in job.stdout
-    info = subprocess.run([str(venv / "bin" / "vae-train"), "--info", "searchpath"], cwd=elsewhere, capture_output=True, text=True)
+    info = subprocess.run(
+        [str(venv / "bin" / "vae-train"), "--info", "searchpath"], cwd=elsewhere, capture_output=True, text=True
+    )
     assert "pkg://vae_cli.conf" in info.stdout
     assert list(elsewhere.iterdir()) == []  # --cfg writes nothing

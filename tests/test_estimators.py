@@ -1,5 +1,6 @@
 """The estimators of log p(x) against exact values: a decoder that ignores z (log p(x) in
 closed form) and a 2-D model whose posterior a very fine grid resolves (ground truth)."""
+
 from __future__ import annotations
 
 import math

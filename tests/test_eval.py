@@ -1,22 +1,23 @@
 """evaluate(), eval.json, the end-of-training evaluation and vae-eval, on tiny models."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from helpers import compose_config
 from omegaconf import OmegaConf
 
-from conftest import compose_config
 from vae_cli.cli import eval_main
-from vae_cli.config import validate
+from vae_cli.config import data_config, model_spec, validate
 from vae_cli.data import load_data
 from vae_cli.errors import ConfigError
-from vae_cli.evaluate import EVAL, evaluate
+from vae_cli.evaluation import evaluate
 from vae_cli.models import build_model
 from vae_cli.objectives import OBJECTIVES
-from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY
-from vae_cli.training import train
+from vae_cli.pipeline import train
+from vae_cli.rundir import CHECKPOINT, EVAL, LOSSES, SUMMARY
 
 # Cheap settings (the defaults take seconds even for tiny models on the CPU).
 CHEAP_EVAL = [
@@ -30,9 +31,9 @@ CHEAP_EVAL = [
 
 def tiny_model(objective: str = "elbo", K: int = 2):
     cfg = compose_config([f"objective={objective}", f"K={K}", *CHEAP_EVAL])
-    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+    data = load_data(data_config(cfg), cfg.seed, torch.device("cpu"))
     torch.manual_seed(0)
-    return cfg, build_model(cfg, OBJECTIVES[objective].uses_encoder, data.pixel_means), data.test
+    return cfg, build_model(model_spec(cfg), data.pixel_means), data.test
 
 
 def numbers(result: dict) -> dict[str, float]:
@@ -110,7 +111,7 @@ def test_a_decoder_that_ignores_z_evaluates_to_the_exact_likelihood():
 
 
 def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
-    import vae_cli.evaluate as evaluate_module
+    import vae_cli.evaluation as evaluate_module
 
     cfg, model, x = tiny_model("jensen")
     weighted_sums, seen = evaluate_module.weighted_sums, []
@@ -144,8 +145,11 @@ def test_log_px_names_the_best_available_estimator(objective, K, estimator):
 
 
 def test_bad_eval_settings_are_refused_with_one_line(run, capsys):
-    for override, key in (("eval.batch_size=0", "eval.batch_size"), ("eval.importance_k=-5", "eval.importance_k"),
-                          ("eval.quadrature_points=4", "eval.quadrature_points")):
+    for override, key in (
+        ("eval.batch_size=0", "eval.batch_size"),
+        ("eval.importance_k=-5", "eval.importance_k"),
+        ("eval.quadrature_points=4", "eval.quadrature_points"),
+    ):
         with pytest.raises(ConfigError, match=key):
             validate(compose_config([override]))
     with pytest.raises(SystemExit) as exit_info:
@@ -186,10 +190,19 @@ def test_vae_eval_is_an_installed_console_script():
 def test_the_mean_image_model_scores_205_8_nats_on_mnist(mnist_root):
     """The decoder starts at the mean-image model; with its weights zeroed it stays there, and every
     estimator must give the factorized Bernoulli likelihood of the binarized test set."""
-    cfg = compose_config(["objective=jensen", "data=mnist", f"data.root={mnist_root}", "model.hidden=8", "model.depth=1",
-                          "eval.quadrature_points=64", "eval.prior_mc_samples=16"])
-    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
-    model = build_model(cfg, False, data.pixel_means)
+    cfg = compose_config(
+        [
+            "objective=jensen",
+            "data=mnist",
+            f"data.root={mnist_root}",
+            "model.hidden=8",
+            "model.depth=1",
+            "eval.quadrature_points=64",
+            "eval.prior_mc_samples=16",
+        ]
+    )
+    data = load_data(data_config(cfg), cfg.seed, torch.device("cpu"))
+    model = build_model(model_spec(cfg), data.pixel_means)
     with torch.no_grad():
         model.decoder.net[-1].weight.zero_()
     result = evaluate(model, data.test, cfg.eval)

@@ -1,4 +1,5 @@
 """Each objective's math on tiny tensors against direct formulas."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """vae-plot in-process: the figures of one run, a partial run, broken and foreign directories,
 the comparison of several runs, and the exact posterior of K=2 models."""
+
 from __future__ import annotations
 
 import csv
@@ -10,15 +11,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 from PIL import Image
 
 from vae_cli import compare
 from vae_cli.cli import plot_main
 from vae_cli.errors import DataError
 from vae_cli.models import Decoder, LatentVariableModel, bernoulli_log_likelihood
+from vae_cli.pipeline import train
 from vae_cli.plotting import MANIFOLD_GRID, GridPosterior, grid_pixels, grid_posterior, zoom_window
-from vae_cli.training import train
 
 LATENT_FIGURES = ("manifold.png", "posterior.png", "encoded.png")
 
@@ -91,9 +92,15 @@ def test_a_broken_directory_does_not_stop_the_others(elbo_run, tmp_path, capsys)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(elbo_run / "losses.csv", run_dir / "losses.csv")
-    plot_main([str(tmp_path / "missing"), str(run_dir), "--out", str(tmp_path / "out")])  # no SystemExit
+    with pytest.raises(SystemExit) as info:  # the other path is still drawn; the exit code says one was not
+        plot_main([str(tmp_path / "missing"), str(run_dir), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
     captured = capsys.readouterr()
     assert "vae-plot: skipped" in captured.err and "does not exist" in captured.err
+    assert (
+        captured.err.strip().splitlines()[-1]
+        == f"vae-plot: error: nothing drawn for {tmp_path / 'missing'} (see the skipped lines above)"
+    )
     assert (tmp_path / "out" / "run" / "loss.png").exists()
 
 
@@ -101,7 +108,7 @@ def test_latent_figures_are_skipped_with_a_note_when_test_data_are_unavailable(e
     def unavailable(self, cfg):
         raise DataError("mnist files missing (t10k-images-idx3-ubyte)")
 
-    monkeypatch.setattr("vae_cli.replot.TestImages.get", unavailable)
+    monkeypatch.setattr("vae_cli.figures.TestImages.get", unavailable)
     out = tmp_path / "figures"
     plot_main([str(elbo_run), "--out", str(out)])
     assert (out / "manifold.png").exists()  # needs no data
@@ -110,30 +117,58 @@ def test_latent_figures_are_skipped_with_a_note_when_test_data_are_unavailable(e
     assert "test data unavailable" in (out / "report.md").read_text()
 
 
-def fake_run(run_dir, overrides: list[str], final_loss: float, steps: int = 20, evaluation: dict | None = None,
-             summary: bool = True) -> None:
+def fake_run(
+    run_dir,
+    overrides: list[str],
+    final_loss: float,
+    steps: int = 20,
+    evaluation: dict | None = None,
+    summary: bool = True,
+) -> None:
     """A run directory as vae-train writes it, without training: overrides, losses, summary, eval."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     rows = [f"{s},{final_loss + 10 / s:.6f},{final_loss + 1:.6f}" for s in range(1, steps + 1)]
     (run_dir / "losses.csv").write_text("step,loss,lme\n" + "\n".join(rows) + "\n")
     if summary:
-        (run_dir / "summary.json").write_text(json.dumps(
-            {"status": "completed", "objective": overrides[0].split("=")[1], "K": 2, "n_samples": 1, "steps": steps,
-             "final_loss": final_loss, "final_loss_stderr": 0.5, "it_per_s": 10.0}
-        ))
+        (run_dir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "status": "completed",
+                    "objective": overrides[0].split("=")[1],
+                    "K": 2,
+                    "n_samples": 1,
+                    "steps": steps,
+                    "final_loss": final_loss,
+                    "final_loss_stderr": 0.5,
+                    "it_per_s": 10.0,
+                }
+            )
+        )
     if evaluation is not None:
         (run_dir / "eval.json").write_text(json.dumps(evaluation))
 
 
 def test_comparison_of_a_sweep_rows_columns_and_figures(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    evaluation = {"log_px": -150.0, "log_px_stderr": 0.4, "estimator": "quadrature",
-                  "gap_jensen": 30.0, "gap_jensen_stderr": 0.2, "gap_elbo": None, "gap_elbo_stderr": None}
+    evaluation = {
+        "log_px": -150.0,
+        "log_px_stderr": 0.4,
+        "estimator": "quadrature",
+        "gap_jensen": 30.0,
+        "gap_jensen_stderr": 0.2,
+        "gap_elbo": None,
+        "gap_elbo_stderr": None,
+    }
     jobs = [(o, n) for o in ("jensen", "prior_iwae") for n in (1, 8)]
     for i, (objective, n) in enumerate(jobs):
-        fake_run(sweep / str(i), [f"objective={objective}", f"n_samples={n}", "data=synthetic", "hydra.run.dir=x"],
-                 180.0 - i, evaluation=evaluation if i % 2 == 0 else None, summary=i != 3)
+        fake_run(
+            sweep / str(i),
+            [f"objective={objective}", f"n_samples={n}", "data=synthetic", "hydra.run.dir=x"],
+            180.0 - i,
+            evaluation=evaluation if i % 2 == 0 else None,
+            summary=i != 3,
+        )
     (sweep / "4" / ".hydra").mkdir(parents=True)  # a job that failed before training
     (sweep / ".submitit").mkdir()
 

@@ -8,6 +8,7 @@ SIGTERM, resumed with `vae-train resume=`). In-process tests crash train() at mo
 signal it. Every resumed run must end with the parameters, optimizer state, RNG state and
 losses.csv of the run that was never stopped: torch.equal and byte for byte.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,18 +25,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BIN, TINY, compose_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+import vae_cli.evaluation
+import vae_cli.figures
 import vae_cli.rundir
 import vae_cli.training
-from conftest import BIN, TINY, compose_config
+from vae_cli.callbacks import changed_keys
 from vae_cli.errors import Interrupted, NonFiniteError, RunDirError
 from vae_cli.objectives import OBJECTIVES, Loss, Objective
-from vae_cli.resume import MUTABLE_ON_RESUME, prepare
-from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, load_checkpoint
-from vae_cli.training import train
+from vae_cli.pipeline import prepare, train
+from vae_cli.rundir import CHECKPOINT, EVAL, LOSSES, SUMMARY, load_checkpoint, read_json
 
 # Tiny, but with enough steps that a poll of losses.csv can stop it part way.
 KILL_RUN = ["model.hidden=32", "n_samples=16", "batch_size=32", "n_train_iters=60", "eval.enabled=false"]
@@ -70,8 +73,7 @@ def default_signals():
 @pytest.fixture
 def no_figures(monkeypatch):
     """The figures are not part of the state compared here; drawing them costs seconds."""
-    monkeypatch.setattr(vae_cli.training, "save_loss_plot", lambda *a, **k: None)
-    monkeypatch.setattr(vae_cli.training, "save_sample_grids", lambda *a, **k: None)
+    monkeypatch.setattr(vae_cli.figures, "draw_run_dir", lambda *a, **k: None)
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -89,7 +91,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert json.loads((run_dir / SUMMARY).read_text())["status"] == "completed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(overrides: tuple[str, ...]):
     return compose_config(list(overrides))
 
@@ -135,7 +137,7 @@ class Child:
                 devnull = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(devnull, 1)
                 os.dup2(devnull, 2)
-                train(cfg, run_dir=run_dir, overrides=[])
+                train(cfg, run_dir=run_dir, changed=[])
                 code = 0
             finally:
                 os._exit(code)
@@ -198,7 +200,7 @@ def test_sigkill_at_random_steps_then_resume_equals_uninterrupted_run(seed, tmp_
         kills.append(stop_at(child, run_dir, target, signal.SIGKILL))
         assert child.returncode == -signal.SIGKILL, f"the run ended before the kill at step {target}"
         cfg = resume_cfg(run_dir)
-    train(cfg, run_dir=run_dir, overrides=[])
+    train(cfg, run_dir=run_dir, changed=[])
     assert_same_run(run_dir, tmp_path / "reference")
     print(f"seed {seed}: SIGKILL after {kills} rows of {n}")  # counted in the closing note
 
@@ -233,8 +235,7 @@ def reference(tmp_path_factory):
     torch.set_num_threads(1)
     run_dir = tmp_path_factory.mktemp("reference")
     mp = pytest.MonkeyPatch()
-    mp.setattr(vae_cli.training, "save_loss_plot", lambda *a, **k: None)
-    mp.setattr(vae_cli.training, "save_sample_grids", lambda *a, **k: None)
+    mp.setattr(vae_cli.figures, "draw_run_dir", lambda *a, **k: None)
     try:
         train(config(IN_PROCESS), run_dir=run_dir)
     finally:
@@ -284,14 +285,18 @@ def crash_at(monkeypatch, step: int, where: str) -> None:
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(step=st.integers(1, 12), where=st.sampled_from(["before_step", "torn_row", "mid_checkpoint", "after_checkpoint"]))
-def test_crash_anywhere_then_resume_equals_uninterrupted_run(step, where, reference, tmp_path_factory, one_thread, no_figures):
+@given(
+    step=st.integers(1, 12), where=st.sampled_from(["before_step", "torn_row", "mid_checkpoint", "after_checkpoint"])
+)
+def test_crash_anywhere_then_resume_equals_uninterrupted_run(
+    step, where, reference, tmp_path_factory, one_thread, no_figures
+):
     run_dir = tmp_path_factory.mktemp("crash")
     with pytest.MonkeyPatch.context() as mp:
         crash_at(mp, step, where)
         with pytest.raises(Crash):
             train(config(IN_PROCESS), run_dir=run_dir)
-    train(resume_cfg(run_dir), run_dir=run_dir, overrides=[])
+    train(resume_cfg(run_dir), run_dir=run_dir, changed=[])
     assert_same_run(run_dir, reference)
     assert not list(run_dir.glob(".*.tmp-*"))
 
@@ -300,7 +305,7 @@ def test_killed_before_step_0_checkpoint_restarts_from_hydra_config(reference, t
     """A run killed while loading data has only .hydra/config.yaml: resume starts it from step 0."""
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(config(IN_PROCESS), tmp_path / ".hydra" / "config.yaml")
-    train(resume_cfg(tmp_path), run_dir=tmp_path, overrides=[])
+    train(resume_cfg(tmp_path), run_dir=tmp_path, changed=[])
     assert_same_run(tmp_path, reference)
 
 
@@ -318,8 +323,9 @@ def signal_at(monkeypatch, step: int, sig: int) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_checkpoints_and_says_how_to_resume(sig, reference, tmp_path, monkeypatch, one_thread, no_figures,
-                                                   default_signals):
+def test_signal_checkpoints_and_says_how_to_resume(
+    sig, reference, tmp_path, monkeypatch, one_thread, no_figures, default_signals
+):
     with monkeypatch.context() as mp:
         signal_at(mp, 5, sig)
         with pytest.raises(Interrupted) as info:
@@ -332,11 +338,13 @@ def test_signal_checkpoints_and_says_how_to_resume(sig, reference, tmp_path, mon
     assert rows(tmp_path) == 5
     summary = json.loads((tmp_path / SUMMARY).read_text())
     assert (summary["status"], summary["steps"], summary["signal"]) == ("interrupted", 5, name)
-    train(resume_cfg(tmp_path), run_dir=tmp_path, overrides=[])
+    train(resume_cfg(tmp_path), run_dir=tmp_path, changed=[])
     assert_same_run(tmp_path, reference)
 
 
-def test_preempted_submitit_job_checkpoints_requeues_and_resumes(reference, tmp_path, monkeypatch, one_thread, no_figures):
+def test_preempted_submitit_job_checkpoints_requeues_and_resumes(
+    reference, tmp_path, monkeypatch, one_thread, no_figures
+):
     """Submitit's USR2 handler (here a stand-in that records the call and exits like submitit's)
     runs after the checkpoint; the requeued job, same config, same directory, resumes by itself."""
     calls = []
@@ -366,10 +374,9 @@ def test_requeued_job_directory_is_the_same_after_pickling():
     """Hydra's submitit launcher requeues itself (a DelayedSubmission of the same callable and
     arguments); its pickled config keeps the resolver cache, so the job lands in the same
     sweep directory even though ${now:} is later."""
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
-
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
@@ -402,22 +409,30 @@ def test_extend_a_finished_run_equals_a_longer_run(tmp_path, one_thread, no_figu
     train(long, run_dir=tmp_path / "long")
     train(config(IN_PROCESS), run_dir=tmp_path / "extended")
     cfg = resume_cfg(tmp_path / "extended", ["n_train_iters=20"])
-    summary = train(cfg, run_dir=tmp_path / "extended", overrides=["n_train_iters=20"])
+    summary = train(cfg, run_dir=tmp_path / "extended", changed=["n_train_iters"])
     assert summary["steps"] == 20
     assert_same_run(tmp_path / "extended", tmp_path / "long")
 
 
 @pytest.mark.parametrize(
     "override, refused",
-    [("K=3", "K"), ("objective=elbo", "objective.name"), ("lr=0.5", "lr"), ("seed=1", "seed"), ("batch_size=8", "batch_size"),
-     ("n_samples=2", "n_samples"), ("model.hidden=8", "model.hidden"), ("data.binarization=dynamic", "data.binarization"),
-     ("data=mnist", "data.name")],
+    [
+        ("K=3", "K"),
+        ("objective=elbo", "objective.name"),
+        ("lr=0.5", "lr"),
+        ("seed=1", "seed"),
+        ("batch_size=8", "batch_size"),
+        ("n_samples=2", "n_samples"),
+        ("model.hidden=8", "model.hidden"),
+        ("data.binarization=dynamic", "data.binarization"),
+        ("data=mnist", "data.name"),
+    ],
 )
 def test_resume_refuses_overrides_that_change_the_run(override, refused, reference):
     before = {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()}
     cfg = resume_cfg(reference, [override])
     with pytest.raises(Exception) as info:
-        prepare(cfg, reference, [override])
+        prepare(cfg, reference, changed_keys([override]))
     message = str(info.value)
     assert message.startswith(f"cannot change {refused} when resuming") and "\n" not in message
     assert {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()} == before
@@ -425,17 +440,21 @@ def test_resume_refuses_overrides_that_change_the_run(override, refused, referen
 
 def test_resume_keeps_the_saved_config_and_applies_allowed_overrides(reference):
     overrides = ["n_train_iters=30", "checkpoint_every=5", "progress=true", "K=2", "eval.n_images=7"]
-    start = prepare(resume_cfg(reference, overrides), reference, overrides)
+    start = prepare(resume_cfg(reference, overrides), reference, changed_keys(overrides))
     saved = load_checkpoint(reference / CHECKPOINT)["config"]
-    assert (start.cfg.n_train_iters, start.cfg.checkpoint_every, start.cfg.progress, start.cfg.eval.n_images) == (30, 5, True, 7)
+    assert (start.cfg.n_train_iters, start.cfg.checkpoint_every, start.cfg.progress, start.cfg.eval.n_images) == (
+        30,
+        5,
+        True,
+        7,
+    )
     for key in ("K", "lr", "seed", "n_samples", "batch_size", "model", "objective"):
         assert OmegaConf.to_container(start.cfg)[key] == saved[key]
-    assert "n_train_iters" in MUTABLE_ON_RESUME
 
 
 def test_resume_refuses_a_shorter_run_and_a_complete_one(reference):
     with pytest.raises(Exception, match="already at step 12"):
-        prepare(resume_cfg(reference, ["n_train_iters=5"]), reference, ["n_train_iters=5"])
+        prepare(resume_cfg(reference, ["n_train_iters=5"]), reference, ["n_train_iters"])
     with pytest.raises(RunDirError, match="complete at step 12"):
         prepare(resume_cfg(reference), reference, [])
 
@@ -460,13 +479,17 @@ def poisoned(name: str, at_call: int, where: str) -> Objective:
 
 
 @pytest.mark.parametrize("where, term", [("term", "lme = inf"), ("gradient", "gradient of decoder.net.0.weight")])
-def test_non_finite_stops_with_step_and_term_and_keeps_last_good_checkpoint(where, term, tmp_path, monkeypatch, no_figures):
+def test_non_finite_stops_with_step_and_term_and_keeps_last_good_checkpoint(
+    where, term, tmp_path, monkeypatch, no_figures
+):
     monkeypatch.setitem(OBJECTIVES, "jensen", poisoned("jensen", 8, where))
     with pytest.raises(NonFiniteError) as info:
         train(config(IN_PROCESS), run_dir=tmp_path)
     message = str(info.value)
     assert info.value.exit_code == 3 and "\n" not in message
-    assert message.startswith(f"non-finite {term}") and "at step 8" in message and "checkpoint of step 6 kept" in message
+    assert (
+        message.startswith(f"non-finite {term}") and "at step 8" in message and "checkpoint of step 6 kept" in message
+    )
     state = load_checkpoint(tmp_path / CHECKPOINT)
     assert state["step"] == 6 and all(torch.isfinite(t).all() for t in state["model"].values())
     assert rows(tmp_path) == 7
@@ -503,5 +526,39 @@ def test_cli_reports_interrupt_and_non_finite_as_one_line(tmp_path, monkeypatch,
             signal_at(mp, 4, sig)
             code, err = run([f"hydra.run.dir={run_dir}"])
         name = signal.Signals(sig).name
-        assert code == code_expected and err == f"vae-cli: interrupted at step 4 ({name}); resume with: vae-train resume={run_dir}"
+        assert (
+            code == code_expected
+            and err == f"vae-cli: interrupted at step 4 ({name}); resume with: vae-train resume={run_dir}"
+        )
         assert load_checkpoint(run_dir / CHECKPOINT)["step"] == 4 and rows(run_dir) == 4
+
+
+# --- kills after training: figures and evaluation ---------------------------------------------------
+
+LATER_STAGES = [
+    "n_train_iters=6",
+    "checkpoint_every=3",
+    "eval.enabled=true",
+    "eval.quadrature_points=256",
+    "eval.importance_k=8",
+    "eval.iwae_k=4",
+    "eval.prior_mc_samples=32",
+]
+
+
+@pytest.mark.parametrize("stage, status", [("figures", "trained"), ("evaluate", "drawn")])
+def test_kill_during_figures_or_evaluation_is_finished_by_resume(stage, status, tmp_path):
+    """The status says which stages remain: resume draws and evaluates without training again."""
+    target = (vae_cli.figures, "draw_run_dir") if stage == "figures" else (vae_cli.evaluation, "evaluate_and_record")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(*target, lambda *a, **k: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            train(config(LATER_STAGES), run_dir=tmp_path)
+    assert read_json(tmp_path / SUMMARY)["status"] == status and not (tmp_path / EVAL).exists()
+    trained = {name: (tmp_path / name).read_bytes() for name in (LOSSES, CHECKPOINT)}
+    summary = train(resume_cfg(tmp_path), run_dir=tmp_path, changed=[])
+    assert summary["status"] == "completed" and summary["log_px_estimator"] == "quadrature"
+    assert read_json(tmp_path / EVAL)["n_images"] == 64 and (tmp_path / "means.png").exists()
+    assert {name: (tmp_path / name).read_bytes() for name in trained} == trained  # not trained again
+    with pytest.raises(RunDirError, match="complete"):
+        prepare(resume_cfg(tmp_path), tmp_path, [])

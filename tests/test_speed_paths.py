@@ -1,6 +1,7 @@
 """The fast paths compute what the plain formulas compute: the fused likelihood and its gradient,
 the in-place activations, shared prior samples, and the speed options' config checks.
 (No timings here: `make bench` measures them.)"""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Bernoulli
 
-from vae_cli.config import validate
+from vae_cli.config import micro_batch_size, model_spec, validate
+from vae_cli.device import set_process_speed_settings
 from vae_cli.errors import ConfigError
 from vae_cli.models import (
     Decoder,
@@ -23,7 +25,8 @@ from vae_cli.models import (
     build_model,
 )
 from vae_cli.objectives import OBJECTIVES
-from vae_cli.training import micro_batch_size, set_process_speed_settings, train, train_step
+from vae_cli.pipeline import train
+from vae_cli.training import train_step
 
 
 def plain_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -69,7 +72,7 @@ def test_fused_likelihood_gradient_matches_autograd_of_the_formula(S, overwrite)
     x, logits = binary(4, 784), normal(4, S, 784)
     upstream = torch.randn(4, S, generator=torch.Generator().manual_seed(2))
     grads, values = [], []
-    for fn in (lambda x, l: bernoulli_log_likelihood(x, l * 1.0, overwrite=overwrite), plain_log_likelihood):
+    for fn in (lambda x, lg: bernoulli_log_likelihood(x, lg * 1.0, overwrite=overwrite), plain_log_likelihood):
         leaf = logits.clone().requires_grad_()
         value = fn(x, leaf)
         (value * upstream).sum().backward()
@@ -127,7 +130,7 @@ def tiny_prior_model() -> LatentVariableModel:
 
 @pytest.mark.parametrize("name", ["jensen", "prior_iwae"])
 def test_shared_samples_use_one_set_of_draws_for_the_batch(name, make_cfg):
-    options = make_cfg([f"objective={name}", "objective.shared_samples=true"]).objective
+    options = True  # objective.shared_samples
     model, x, S = tiny_prior_model(), binary(5, 784), 7
     torch.manual_seed(3)
     out = OBJECTIVES[name](model, x, S, options)
@@ -144,14 +147,14 @@ def test_shared_samples_use_one_set_of_draws_for_the_batch(name, make_cfg):
 def test_shared_samples_decode_n_samples_latents_only(make_cfg):
     model, x, rows = tiny_prior_model(), binary(6, 784), []
     model.decoder.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape))
-    OBJECTIVES["jensen"](model, x, 4, make_cfg(["objective.shared_samples=true"]).objective)
-    OBJECTIVES["jensen"](model, x, 4, make_cfg([]).objective)
+    OBJECTIVES["jensen"](model, x, 4, shared_samples=True)
+    OBJECTIVES["jensen"](model, x, 4, shared_samples=False)
     assert rows == [torch.Size([4, 2]), torch.Size([6, 4, 2])]
 
 
 def test_shared_samples_have_the_expectation_of_independent_samples(make_cfg):
     """Both estimate E_z log p(x|z): their means over many draws agree within their noise."""
-    model, x, options = tiny_prior_model(), binary(4, 784), make_cfg(["objective.shared_samples=true"]).objective
+    model, x, options = tiny_prior_model(), binary(4, 784), True  # objective.shared_samples
     torch.manual_seed(4)
     with torch.no_grad():
         shared = torch.stack([OBJECTIVES["jensen"](model, x, 8, options).loss for _ in range(200)])
@@ -163,9 +166,9 @@ def test_shared_samples_have_the_expectation_of_independent_samples(make_cfg):
 def test_train_step_with_shared_samples_uses_the_whole_batch(make_cfg):
     cfg = make_cfg(["objective=prior_iwae", "objective.shared_samples=true", "n_samples=64", "batch_size=200"])
     assert micro_batch_size(cfg, torch.device("cpu")) == cfg.batch_size
-    model = build_model(cfg, uses_encoder=False)
+    model = build_model(model_spec(cfg))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    row = train_step(model, optimizer, OBJECTIVES["prior_iwae"], binary(200, 784), 64, cfg.batch_size, cfg.objective)
+    row = train_step(model, optimizer, OBJECTIVES["prior_iwae"], binary(200, 784), 64, cfg.batch_size, True)
     assert set(row) == {"loss", "jensen"} and all(torch.isfinite(torch.tensor(v)) for v in row.values())
 
 
@@ -198,7 +201,9 @@ def test_speed_options_default_off_and_are_recorded(make_cfg, tmp_path):
     assert make_cfg([]).objective.shared_samples is False
     summary = train(cfg, run_dir=tmp_path / "run")
     recorded = json.loads((tmp_path / "run" / "summary.json").read_text())["speed_options"]
-    assert recorded == summary["speed_options"] == {"shared_samples": True, "compile": False, "tf32": False, "bf16": False}
+    assert (
+        recorded == summary["speed_options"] == {"shared_samples": True, "compile": False, "tf32": False, "bf16": False}
+    )
     settings = json.loads((tmp_path / "run" / "summary.json").read_text())["process_settings"]
     assert settings == summary["process_settings"] and settings["flush_denormal"] is True
 

@@ -1,12 +1,13 @@
 """Sweeps: the presets expand to the jobs Hydra will launch; a tiny preset multirun through the
 console script on the joblib launcher writes comparison.csv and vae-plot draws every figure of
 it; the submitit_local launcher runs real submitit jobs."""
+
 from __future__ import annotations
 
 import csv
 
 import pytest
-from conftest import TINY, compose_config, run_cli
+from helpers import TINY, compose_config, run_cli
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
@@ -70,9 +71,19 @@ def test_preset_multirun_on_joblib_then_vae_plot(tmp_path):
     """Two jobs at a time in joblib's worker processes (the basic launcher's multirun is in test_cli.py)."""
     sweep = tmp_path / "sweep"
     result = run_cli(
-        ["vae-train", "-m", "+sweep=n_samples", "objective=jensen", "n_samples=1,8",  # 2 of the preset's 8 jobs
-         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY_NO_SAMPLES, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=ENV,
+        [
+            "vae-train",
+            "-m",
+            "+sweep=n_samples",
+            "objective=jensen",
+            "n_samples=1,8",  # 2 of the preset's 8 jobs
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *TINY_NO_SAMPLES,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=ENV,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = check_jobs(sweep, 2)
@@ -102,9 +113,17 @@ def test_preset_multirun_on_joblib_then_vae_plot(tmp_path):
 def test_submitit_local_runs_real_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(
-        ["vae-train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-         "objective=jensen,elbo", *TINY, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=ENV,
+        [
+            "vae-train",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            "objective=jensen,elbo",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=ENV,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = check_jobs(sweep, 2)

@@ -1,4 +1,5 @@
 """End-to-end training on tiny sizes, in-process: every artifact exists and parses."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,28 @@ import matplotlib.image
 import pytest
 import torch
 
+from vae_cli.config import data_config, micro_batch_size, model_spec
+from vae_cli.data import load_data
 from vae_cli.errors import RunDirError
-from vae_cli.models import Decoder, LatentVariableModel
+from vae_cli.models import Decoder, LatentVariableModel, build_model
 from vae_cli.objectives import OBJECTIVES, Loss, Objective
+from vae_cli.pipeline import train
 from vae_cli.rundir import load_checkpoint, read_losses
-from vae_cli.training import micro_batch_size, train, train_step
+from vae_cli.training import train_step
 
 SUMMARY_KEYS = {
-    "objective", "K", "n_samples", "batch_size", "steps", "final_loss", "final_loss_stderr",
-    "train_seconds", "it_per_s", "device", "torch_version", "status",
+    "objective",
+    "K",
+    "n_samples",
+    "batch_size",
+    "steps",
+    "final_loss",
+    "final_loss_stderr",
+    "train_seconds",
+    "it_per_s",
+    "device",
+    "torch_version",
+    "status",
 }
 
 
@@ -55,12 +69,9 @@ def test_every_layer_is_sized_from_K(make_cfg, tmp_path, K):
 
 
 def test_decoder_starts_at_the_mean_image_model(make_cfg, tmp_path):
-    from vae_cli.data import load_data
-    from vae_cli.models import build_model
-
     cfg = make_cfg()
-    data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
-    model = build_model(cfg, False, data.pixel_means)
+    data = load_data(data_config(cfg), cfg.seed, torch.device("cpu"))
+    model = build_model(model_spec(cfg), data.pixel_means)
     last = model.decoder.net[-1]
     torch.testing.assert_close(torch.sigmoid(last.bias), data.pixel_means.clamp(1e-4, 1 - 1e-4))
 

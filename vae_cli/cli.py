@@ -1,20 +1,41 @@
-"""Console entry points. They parse, call the library, and turn a user error into one line."""
+"""Console entry points: vae-train, vae-eval, vae-plot. They parse, call the library, and turn
+bad input into one line on stderr and exit code 2 (a UserError's own code otherwise: 3 for a
+non-finite loss, 130/143 for an interrupted run). HYDRA_FULL_ERROR=1 shows the full traceback."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
-from typing import Iterator
+from typing import NoReturn
 
 import hydra
-from omegaconf import DictConfig
+import torch
 
+# get_args_parser is Hydra's own command-line parser; Hydra has no public API that parses a
+# command line without running the app.
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from vae_cli import callbacks, pipeline
 from vae_cli.config import register_configs
 from vae_cli.errors import Abort, UserError
+from vae_cli.evaluation import eval_config, evaluate_run, format_table
+from vae_cli.figures import plot
+from vae_cli.rundir import EVAL
 
 register_configs()
+
+# What the allocators say when a size does not fit (torch.OutOfMemoryError is CUDA's).
+OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
 
 
 def one_line(exc: BaseException) -> str:
@@ -29,36 +50,71 @@ def one_line(exc: BaseException) -> str:
     return text.split(" Config search path:")[0]
 
 
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Bad input: one line on stderr, exit code 2, no traceback. Bugs keep their traceback.
-    A UserError says its own exit code (3 non-finite loss, 130/143 interrupted: vae_cli.errors)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+def _exit(prog: str, prefix: str, message: str, code: int) -> NoReturn:
+    print(f"{prog}: {prefix}{message}", file=sys.stderr)
+    sys.exit(code)
 
+
+def full_traceback() -> bool:
+    """The user asked for Python's traceback (HYDRA_FULL_ERROR=1, as for any Hydra app)."""
+    return os.environ.get("VAE_CLI_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
+
+
+@contextmanager
+def user_errors(prog: str = "vae-cli") -> Iterator[None]:
+    """Bad input: one line on stderr, exit code 2, no traceback; bugs keep their traceback.
+
+    The user's HYDRA_FULL_ERROR=1 (read when the command started: vae-train sets it for Hydra
+    itself, see train_main) asks for the full traceback of everything."""
+    full = full_traceback()
     try:
         yield
     except Abort as abort:
-        print(f"vae-cli: {abort.error.prefix}{one_line(abort.error)}", file=sys.stderr)
-        sys.exit(abort.error.exit_code)
+        if full:
+            raise abort.error from None
+        _exit(prog, abort.error.prefix, one_line(abort.error), abort.error.exit_code)
     except UserError as exc:
-        print(f"vae-cli: {exc.prefix}{one_line(exc)}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        if full:
+            raise
+        _exit(prog, exc.prefix, one_line(exc), exc.exit_code)
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"vae-cli: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+        if full:
+            raise
+        _exit(prog, "error: ", one_line(exc), 2)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:  # a size that passed the estimate
+        if (
+            full
+            or not isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            and not any(text in str(exc) for text in OUT_OF_MEMORY)
+        ):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _exit(
+            prog,
+            "error: ",
+            f"out of memory ({first[:160]}); allowed: smaller n_samples, batch_size, "
+            "micro_batch, model.hidden or eval.* sizes",
+            2,
+        )
+    except OSError as exc:  # the file system: a path that cannot be created, a full disk
+        if full:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _exit(prog, "error: ", f"{where}{exc.strerror or exc}", 2)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and says how to resume)
-        print("vae-cli: interrupted (SIGINT)", file=sys.stderr)
-        sys.exit(130)
+        _exit(prog, "", "interrupted (SIGINT)", 130)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that answers a bad option with one line and exit code 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        _exit(self.prog, "error: ", f"{message} (see {self.prog} --help)", 2)
 
 
 def check_command_line(argv: list[str]) -> None:
     """Refuse, as one UserError line, what Hydra would answer with a usage block or a traceback:
     an unknown flag, an override without a key (`=3`), and --experimental-rerun (it unpickles a file)."""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     args_parser = get_args_parser()
 
     def error(message: str) -> None:
@@ -67,7 +123,9 @@ def check_command_line(argv: list[str]) -> None:
     args_parser.error = error  # type: ignore[method-assign]
     args = args_parser.parse_args(argv)
     if args.experimental_rerun is not None:
-        raise UserError("--experimental-rerun is not supported (it unpickles a file); continue a run with vae-train resume=RUN_DIR")
+        raise UserError(
+            "--experimental-rerun is not supported (it unpickles a file); continue a run with vae-train resume=RUN_DIR"
+        )
     parser = OverridesParser.create()
     for line in args.overrides:
         try:
@@ -82,11 +140,13 @@ def check_command_line(argv: list[str]) -> None:
 def _check_group_choice(override) -> None:
     """A config group (objective=, data=, hydra/launcher=, ...) takes a config's name; Hydra
     answers anything else (data=0, ~data=1) with a ValueError and a traceback."""
-    from importlib.resources import files
-
     key = override.key_or_group
     conf = files("vae_cli.conf")
-    groups = {p.name: sorted(f.name[:-5] for f in p.iterdir() if f.name.endswith(".yaml")) for p in conf.iterdir() if p.is_dir()}
+    groups = {
+        p.name: sorted(f.name[:-5] for f in p.iterdir() if f.name.endswith(".yaml"))
+        for p in conf.iterdir()
+        if p.is_dir()
+    }
     if key not in groups and not key.startswith("hydra/") or override.is_sweep_override():
         return
     value = override.value()
@@ -99,37 +159,41 @@ def _check_group_choice(override) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://vae_cli.conf", config_name="config")
 def _train_app(cfg: DictConfig) -> float:
-    from vae_cli.training import train
-
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return train(cfg)["final_loss"]
+        changed = callbacks.changed_keys(callbacks.task_overrides(hydra_cfg))
+        return pipeline.train(cfg, run_dir, changed, callbacks.take_prepared(run_dir))["final_loss"]
     except UserError as exc:
         raise Abort(exc) from None
 
 
 def train_main() -> None:
-    # Hydra re-raises instead of printing its own multi-line report; user_errors prints one line.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # Hydra re-raises instead of printing its own multi-line report; user_errors prints one line,
+    # or the whole traceback where the user set HYDRA_FULL_ERROR=1 (kept as VAE_CLI_FULL_ERROR).
+    os.environ.setdefault("VAE_CLI_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     with user_errors():
         check_command_line(sys.argv[1:])
         _train_app()
 
 
 def plot_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vae-plot",
         description="Redraw the figures of vae-train runs; for a multirun directory or several runs, "
         "also the comparison figures, comparison.csv/.md and a report.md.",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="run directories or multirun directories")
     parser.add_argument(
-        "--out", type=Path, default=None,
+        "--out",
+        type=Path,
+        default=None,
         help="write here instead of into the run (or multirun) directory; several paths default to ./vae-plot/DATE/TIME",
     )
     args = parser.parse_args(argv)
-    from vae_cli.replot import plot
-
-    result = plot(args.paths, args.out)
+    with user_errors("vae-plot"):
+        result = plot(args.paths, args.out)
     for line in result.skipped:
         print(f"vae-plot: skipped {' '.join(line.split())}", file=sys.stderr)
     for run in result.runs:
@@ -137,17 +201,21 @@ def plot_main(argv: list[str] | None = None) -> None:
             print(f"vae-plot: note: {run.run.path}: {' '.join(note.split())}", file=sys.stderr)
         print(f"vae-plot: {run.run.path} -> {run.out_dir} ({', '.join(f.path.name for f in run.figures)})")
     if result.figures:
-        print(f"vae-plot: comparison of {len(result.runs)} runs -> {result.out_dir} "
-              f"({', '.join(p.name for p in [*result.tables, *(f.path for f in result.figures)])})")
+        print(
+            f"vae-plot: comparison of {len(result.runs)} runs -> {result.out_dir} "
+            f"({', '.join(p.name for p in [*result.tables, *(f.path for f in result.figures)])})"
+        )
     if result.report is not None:
         print(f"vae-plot: report -> {result.report}")
     if result.plotted == 0:
-        print("vae-plot: error: nothing could be plotted", file=sys.stderr)
-        sys.exit(2)
+        _exit("vae-plot", "error: ", "nothing could be plotted", 2)
+    if result.requested_skipped:  # what was drawn stays; the exit code says that a path was not
+        names = ", ".join(str(p) for p in result.requested_skipped)
+        _exit("vae-plot", "error: ", f"nothing drawn for {names} (see the skipped lines above)", 2)
 
 
 def eval_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vae-eval",
         description="Estimate the test-set log p(x) of vae-train runs (quadrature for K <= 2, importance sampling, "
         "prior Monte Carlo) next to the Jensen bound, the ELBO and IWAE-k; writes eval.json into each run directory "
@@ -156,28 +224,33 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="run directories")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--n-images", type=int, help="only the first N test images (default: all)")
-    parser.add_argument("--importance-k", type=int, help="draws from q(z|x) per image (default: 5000 on CUDA, 1000 on the CPU)")
-    parser.add_argument("--quadrature-points", type=int, help="grid points in all, for K <= 2 (default: 147456 = 384^2)")
+    parser.add_argument(
+        "--importance-k", type=int, help="draws from q(z|x) per image (default: 5000 on CUDA, 1000 on the CPU)"
+    )
+    parser.add_argument(
+        "--quadrature-points", type=int, help="grid points in all, for K <= 2 (default: 147456 = 384^2)"
+    )
     parser.add_argument("--prior-mc-samples", type=int, help="prior draws shared by every image (default: 10000)")
     parser.add_argument("--batch-size", type=int, help="images per pass (default: 1000); results do not depend on it")
     parser.add_argument("--data-root", help="read the test set from here instead of the run's data.root")
     args = parser.parse_args(argv)
-    from vae_cli.evaluate import EVAL, eval_config, evaluate_run, format_table
-
     keys = ("n_images", "importance_k", "quadrature_points", "prior_mc_samples", "batch_size")
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    with user_errors():
+    with user_errors("vae-eval"):
         eval_config(None, overrides)  # a bad option fails once, before any run is loaded
     failed = 0
-    for path in args.paths:
-        try:
-            result = evaluate_run(path, args.device, overrides, args.data_root)
-        except UserError as exc:
-            message = one_line(exc)
-            print(f"vae-eval: error: {message if str(path) in message else f'{path}: {message}'}", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"vae-eval: {path} ({result['objective']}) -> {path / EVAL}")
-        print(format_table(result))
+    with user_errors("vae-eval"):
+        for path in args.paths:
+            try:
+                result = evaluate_run(path, args.device, overrides, args.data_root)
+            except UserError as exc:  # one line naming the run; the other runs are still evaluated
+                if full_traceback():
+                    raise
+                message = one_line(exc)
+                print(f"vae-eval: error: {message if str(path) in message else f'{path}: {message}'}", file=sys.stderr)
+                failed += 1
+                continue
+            print(f"vae-eval: {path} ({result['objective']}) -> {path / EVAL}")
+            print(format_table(result))
     if failed:
         sys.exit(2)

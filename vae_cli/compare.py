@@ -6,6 +6,7 @@ A row holds the differing overrides, the final training loss (mean of the last s
 its stderr), log p(x) and the bounds' gaps when the run has an eval.json, and it/s. A run
 without summary.json (still going, or killed) is a `partial` row computed from losses.csv.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,15 +20,26 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from vae_cli.errors import RunDirError
-from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, atomic_write_bytes, mean_and_stderr, read_json, read_losses
+from vae_cli.rundir import (
+    CHECKPOINT,
+    COMPARISON_CSV,
+    COMPARISON_MD,
+    EVAL,
+    HYDRA_CONFIG,
+    HYDRA_DIR,
+    HYDRA_OVERRIDES,
+    LOSSES,
+    MULTIRUN_YAML,
+    RUN_FILES,
+    SUMMARY,
+    TRAINED,
+    atomic_write_bytes,
+    final_loss,
+    read_json,
+    read_losses,
+)
 
 log = logging.getLogger(__name__)
-
-EVAL = "eval.json"
-COMPARISON_CSV = "comparison.csv"
-COMPARISON_MD = "comparison.md"
-RUN_FILES = (LOSSES, CHECKPOINT, SUMMARY)
-FINAL_WINDOW = 50  # as in training: a partial run's loss is the mean of its last this-many steps
 # Summary keys used to tell runs apart when their overrides do not (e.g. runs without .hydra/).
 SUMMARY_KEYS = ("objective", "K", "n_samples", "batch_size", "steps", "seed")
 # eval.json keys copied into the table; a value may be a number or {"mean"|"value"|"estimate": x, "stderr": s}.
@@ -50,7 +62,8 @@ class Run:
 
     @property
     def completed(self) -> bool:
-        return self.summary is not None and self.summary.get("status", "completed") == "completed"
+        """Training finished (its figures or evaluation may still be to come)."""
+        return self.summary is not None and self.summary.get("status", "completed") in TRAINED
 
     @property
     def steps(self) -> int | None:
@@ -64,7 +77,7 @@ class Run:
         """completed; `interrupted`/`failed` (as the run's summary.json says) or `partial` (no summary.json:
         still going, or killed), with the steps done."""
         if self.completed:
-            return "completed"
+            return str(self.summary.get("status", "completed"))
         what = str(self.summary.get("status")) if self.summary is not None else "partial"
         total = (self.summary or {}).get("n_train_iters") or (self.config or {}).get("n_train_iters")
         return f"{what} ({self.steps or 0}/{total} steps)" if total else f"{what} ({self.steps or 0} steps)"
@@ -102,9 +115,9 @@ def find_runs(path: Path) -> tuple[list[Path], list[str]]:
     notes = [
         f"{c}: no {LOSSES}, {CHECKPOINT} or {SUMMARY} (job not started, or failed before training)"
         for c in children
-        if not is_run_dir(c) and (c / ".hydra").is_dir()
+        if not is_run_dir(c) and (c / HYDRA_DIR).is_dir()
     ]
-    if not runs and (notes or (path / "multirun.yaml").exists()):
+    if not runs and (notes or (path / MULTIRUN_YAML).exists()):
         raise RunDirError(f"{path} is a multirun directory where no job has started training")
     if not runs:
         raise RunDirError(
@@ -122,17 +135,16 @@ def load_run(path: Path, name: str | None = None) -> Run:
     """Read a run directory; RunDirError when it holds neither a readable summary.json nor losses.csv."""
     path = Path(path)
     run = Run(path=path, name=name or path.name)
-    hydra_dir = path / ".hydra"
-    if (hydra_dir / "overrides.yaml").exists():
+    if (path / HYDRA_OVERRIDES).exists():
         try:
-            run.overrides = parse_overrides(list(OmegaConf.load(hydra_dir / "overrides.yaml")))
+            run.overrides = parse_overrides(list(OmegaConf.load(path / HYDRA_OVERRIDES)))
         except Exception as exc:  # a foreign or hand-edited file: the run is still usable
-            run.notes.append(f".hydra/overrides.yaml unreadable ({type(exc).__name__})")
-    if (hydra_dir / "config.yaml").exists():
+            run.notes.append(f"{HYDRA_OVERRIDES} unreadable ({type(exc).__name__})")
+    if (path / HYDRA_CONFIG).exists():
         try:
-            run.config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
+            run.config = OmegaConf.to_container(OmegaConf.load(path / HYDRA_CONFIG), resolve=False)
         except Exception as exc:
-            run.notes.append(f".hydra/config.yaml unreadable ({type(exc).__name__})")
+            run.notes.append(f"{HYDRA_CONFIG} unreadable ({type(exc).__name__})")
     if (path / SUMMARY).exists():
         try:
             run.summary = read_json(path / SUMMARY)
@@ -207,7 +219,7 @@ def metric(run: Run, key: str) -> tuple[float, float]:
         if run.summary is not None:
             return _float(run.summary.get("final_loss")), _float(run.summary.get("final_loss_stderr"))
         if run.losses and run.losses["loss"]:
-            return mean_and_stderr(run.losses["loss"][-FINAL_WINDOW:])
+            return final_loss(run.losses["loss"])[:2]
         return nan, nan
     # eval.json, else the headline numbers evaluation merged into summary.json
     source = next((d for d in (run.evaluation, run.summary) if d is not None and d.get(key) is not None), None)

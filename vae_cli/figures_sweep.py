@@ -1,5 +1,6 @@
 """Figures that compare runs: overlaid loss curves, and each metric against a swept parameter
 (one line per value of the other differing overrides, error bars from the stderr)."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,14 @@ def save_loss_curves(runs: list[Run], path: Path) -> int:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (run, label) in enumerate(drawn):
         color = plt.cm.tab10(i % 10) if len(drawn) <= 10 else plt.cm.viridis(i / (len(drawn) - 1))
-        ax.plot(run.losses["step"], moving_average(run.losses["loss"], window), lw=1.1, color=color,
-                ls="-" if run.completed else "--", label=label)
+        ax.plot(
+            run.losses["step"],
+            moving_average(run.losses["loss"], window),
+            lw=1.1,
+            color=color,
+            ls="-" if run.completed else "--",
+            label=label,
+        )
     smoothing = f"moving average over {window} steps" if window > 1 else "every step"
     ax.set_title(f"training loss of {len(drawn)} runs ({smoothing}; dashed: not completed)", fontsize=9)
     ax.set_xlabel("step")
@@ -86,8 +93,10 @@ def save_metrics_against(runs: list[Run], key: str, path: Path) -> None:
         ax.set_ylabel(METRIC_LABELS.get(m, m))
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"{', '.join(METRIC_LABELS.get(m, m).split(' (')[0] for m in metrics)} against {key} "
-                 "(error bars: 1 stderr)", fontsize=9)
+    fig.suptitle(
+        f"{', '.join(METRIC_LABELS.get(m, m).split(' (')[0] for m in metrics)} against {key} (error bars: 1 stderr)",
+        fontsize=9,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -96,12 +105,19 @@ def save_metrics_by_run(runs: list[Run], path: Path) -> None:
     """Each metric per run (one row per run), when no numeric parameter was swept (e.g. objectives compared)."""
     metrics = metrics_present(runs)
     labels = run_labels(runs)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 2.5, 0.35 * len(runs) + 1.3),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(3.2 * len(metrics) + 2.5, 0.35 * len(runs) + 1.3), sharey=True, squeeze=False
+    )
     for ax, m in zip(axes[0], metrics):
         values = [metric(run, m) for run in runs]
-        ax.errorbar([v for v, _ in values], range(len(runs)), xerr=[0.0 if math.isnan(e) else e for _, e in values],
-                    fmt="o", capsize=4, color="C0")
+        ax.errorbar(
+            [v for v, _ in values],
+            range(len(runs)),
+            xerr=[0.0 if math.isnan(e) else e for _, e in values],
+            fmt="o",
+            capsize=4,
+            color="C0",
+        )
         ax.set_xlabel(METRIC_LABELS.get(m, m), fontsize=8)
         ax.grid(alpha=0.3)
     axes[0, 0].set_yticks(range(len(runs)), labels, fontsize=7)

@@ -1,12 +1,13 @@
 """The latent-variable model p(z) p(x|z): a standard-normal prior, an MLP Bernoulli decoder,
 and (for the ELBO and IWAE objectives) a Gaussian MLP encoder q(z|x)."""
+
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 N_PIXELS = 28 * 28
@@ -182,6 +183,11 @@ class LatentVariableModel(nn.Module):
         """log p(x_b | z_s) for x (B, 784) and z (S, K) shared by every image -> (B, S)."""
         return bernoulli_log_likelihood_shared(x, self.decode(z))
 
+    def use_autograd_likelihood(self) -> None:
+        """log_px_given_z through autograd's graph of the plain formula instead of the fused
+        function: the same numbers, more memory (the benchmark's "w/o fused lik." and the tests)."""
+        self._log_px_given_z = lambda x, z: bernoulli_log_likelihood_formula(x, self.decode(z))
+
     def compile_likelihood(self, **options) -> None:
         """torch.compile the decoder and the likelihood of log_px_given_z as one graph, compiled on
         first call. Inductor is given the plain formula and fuses its element-wise work itself."""
@@ -192,13 +198,22 @@ class LatentVariableModel(nn.Module):
         self._log_px_given_z = torch.compile(log_px_given_z, **options)
 
 
-def build_model(cfg: DictConfig, uses_encoder: bool, pixel_means: torch.Tensor | None = None) -> LatentVariableModel:
-    """Every layer is sized from cfg.K and cfg.model; the encoder mirrors the decoder unless set."""
-    m = cfg.model
-    decoder = Decoder(cfg.K, m.hidden, m.depth, m.activation, pixel_means)
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model's shape: everything build_model needs (config.model_spec makes one from a run's config)."""
+
+    K: int  # latent dimensions
+    hidden: int  # width of every hidden layer
+    depth: int  # hidden layers of the decoder
+    activation: str
+    encoder_hidden: int | None = None  # None: no encoder (decoder-only objectives)
+    encoder_depth: int | None = None
+
+
+def build_model(spec: ModelSpec, pixel_means: torch.Tensor | None = None) -> LatentVariableModel:
+    """The decoder (and the encoder, where the spec has one) sized from spec."""
+    decoder = Decoder(spec.K, spec.hidden, spec.depth, spec.activation, pixel_means)
     encoder = None
-    if uses_encoder:
-        hidden = m.encoder_hidden if m.encoder_hidden is not None else m.hidden
-        depth = m.encoder_depth if m.encoder_depth is not None else m.depth
-        encoder = Encoder(cfg.K, hidden, depth, m.activation)
-    return LatentVariableModel(cfg.K, decoder, encoder)
+    if spec.encoder_hidden is not None:
+        encoder = Encoder(spec.K, spec.encoder_hidden, spec.encoder_depth or spec.depth, spec.activation)
+    return LatentVariableModel(spec.K, decoder, encoder)

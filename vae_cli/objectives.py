@@ -6,15 +6,21 @@
     elbo        E_q log p(x|z) - KL(q(z|x) || p(z)), q Gaussian from an encoder
     iwae        log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x), z_s ~ q(z|x)  (Burda et al. 2016, eq. 8)
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 
-from vae_cli.models import LatentVariableModel, diagonal_normal_log_prob, kl_to_standard_normal, standard_normal_log_prob
+from vae_cli.models import (
+    LatentVariableModel,
+    diagonal_normal_log_prob,
+    kl_to_standard_normal,
+    standard_normal_log_prob,
+)
 
 
 @dataclass(frozen=True)
@@ -23,8 +29,8 @@ class Loss:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, nats per image
 
 
-# fn(model, x, n_samples, options): options is the run's `objective` config node (None: its defaults).
-LossFn = Callable[[LatentVariableModel, torch.Tensor, int, Any], Loss]
+# fn(model, x, n_samples, shared_samples): shared_samples applies to the prior objectives only.
+LossFn = Callable[[LatentVariableModel, torch.Tensor, int, bool], Loss]
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,10 @@ class Objective:
     terms: tuple[str, ...]  # column names it logs besides the loss
     fn: LossFn
 
-    def __call__(self, model: LatentVariableModel, x: torch.Tensor, n_samples: int, options: Any = None) -> Loss:
-        return self.fn(model, x, n_samples, options)
+    def __call__(
+        self, model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False
+    ) -> Loss:
+        return self.fn(model, x, n_samples, shared_samples)
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -54,31 +62,31 @@ def log_mean_exp(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.logsumexp(t, dim) - math.log(t.shape[dim])
 
 
-def prior_log_px_z(model: LatentVariableModel, x: torch.Tensor, n_samples: int, options: Any) -> torch.Tensor:
+def prior_log_px_z(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool) -> torch.Tensor:
     """log p(x_b|z) for z ~ p(z), (B, n_samples): independent draws per image, or with
-    objective.shared_samples one set of n_samples draws for the whole batch (the decoder runs on
+    shared_samples one set of n_samples draws for the whole batch (the decoder runs on
     n_samples latents instead of B x n_samples; the same expectation, correlated across images)."""
-    if getattr(options, "shared_samples", False):
+    if shared_samples:
         return model.log_px_given_shared_z(x, model.sample_prior(n_samples))
     return model.log_px_given_z(x, model.sample_prior(x.shape[0], n_samples))
 
 
 @register("jensen", uses_encoder=False, terms=("lme",))
-def jensen(model: LatentVariableModel, x: torch.Tensor, n_samples: int, options: Any = None) -> Loss:
+def jensen(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False) -> Loss:
     """Minus the mean over prior samples of log p(x|z); `lme` is the log-mean-exp of the same samples."""
-    log_px_z = prior_log_px_z(model, x, n_samples, options)
+    log_px_z = prior_log_px_z(model, x, n_samples, shared_samples)
     return Loss(-log_px_z.mean(), {"lme": -log_mean_exp(log_px_z.detach()).mean()})
 
 
 @register("prior_iwae", uses_encoder=False, terms=("jensen",))
-def prior_iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int, options: Any = None) -> Loss:
+def prior_iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False) -> Loss:
     """Minus the log-mean-exp of p(x|z_s) over prior samples; `jensen` is the plain mean of the same samples."""
-    log_px_z = prior_log_px_z(model, x, n_samples, options)
+    log_px_z = prior_log_px_z(model, x, n_samples, shared_samples)
     return Loss(-log_mean_exp(log_px_z).mean(), {"jensen": -log_px_z.detach().mean()})
 
 
 @register("elbo", uses_encoder=True, terms=("recon", "kl"))
-def elbo(model: LatentVariableModel, x: torch.Tensor, n_samples: int, options: Any = None) -> Loss:
+def elbo(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False) -> Loss:
     """Minus the ELBO: reconstruction averaged over n_samples reparameterized draws plus the closed-form KL."""
     mu, logvar = model.encode(x)
     recon = -model.log_px_given_z(x, model.reparameterize(mu, logvar, n_samples)).mean()
@@ -87,7 +95,7 @@ def elbo(model: LatentVariableModel, x: torch.Tensor, n_samples: int, options: A
 
 
 @register("iwae", uses_encoder=True, terms=("recon", "kl"))
-def iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int, options: Any = None) -> Loss:
+def iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False) -> Loss:
     """Minus the importance-weighted bound; recon + kl is minus the ELBO on the same draws."""
     mu, logvar = model.encode(x)
     z = model.reparameterize(mu, logvar, n_samples)

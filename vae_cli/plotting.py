@@ -2,6 +2,7 @@
 sigmoid(decoder(z)) for the same prior draws z, and for K=2 the latent figures (the
 manifold of decoder means, the exact posterior p(z|x) on a grid, the encoded test set).
 Headless (Agg); every PNG is written atomically."""
+
 from __future__ import annotations
 
 import io
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from vae_cli.models import LatentVariableModel, bernoulli_log_likelihood, standard_normal_log_prob  # noqa: E402
 from vae_cli.rundir import atomic_write_bytes  # noqa: E402
@@ -42,8 +44,6 @@ def save_figure(fig: plt.Figure, path: Path, tight: bool = True) -> None:
 def compact_png(png: bytes) -> bytes:
     """Matplotlib's RGBA PNG as a 256-colour palette image: exact grey levels when the figure has
     no colour, else a median-cut palette. A third of the bytes or less; readers still get RGB(A)."""
-    from PIL import Image
-
     image = Image.open(io.BytesIO(png)).convert("RGB")
     rgb = np.asarray(image)
     if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
@@ -98,10 +98,11 @@ def prior_draws(
     return means, samples
 
 
-def save_sample_grids(model: LatentVariableModel, out_dir: Path, label: str) -> None:
+def save_sample_grids(model: LatentVariableModel, samples_path: Path, means_path: Path, label: str) -> None:
+    """Binary samples and the decoder means of the same prior draws, the means labelled as means."""
     means, samples = prior_draws(model)
-    save_grid(samples, out_dir / "samples.png", f"samples x ~ p(x|z), z ~ p(z)\n{label}")
-    save_grid(means, out_dir / "means.png", f"MEANS sigmoid(decoder(z)) (not samples), same z\n{label}")
+    save_grid(samples, samples_path, f"samples x ~ p(x|z), z ~ p(z)\n{label}")
+    save_grid(means, means_path, f"MEANS sigmoid(decoder(z)) (not samples), same z\n{label}")
 
 
 def moving_average(values: list[float], window: int) -> np.ndarray:
@@ -125,11 +126,17 @@ def save_loss_plot(losses: dict[str, list[float]], path: Path, label: str, note:
     window = smoothing_window(len(losses["step"]))
     fig, axes = plt.subplots(1 + len(terms), 1, figsize=(6, 2.4 * (1 + len(terms))), sharex=True, squeeze=False)
     for ax, column in zip(axes[:, 0], ["loss", *terms]):
-        ax.plot(losses["step"], losses[column], lw=0.6, alpha=0.4 if window > 1 else 1.0, color="C0",
-                label="every step")
+        ax.plot(
+            losses["step"], losses[column], lw=0.6, alpha=0.4 if window > 1 else 1.0, color="C0", label="every step"
+        )
         if window > 1:
-            ax.plot(losses["step"], moving_average(losses[column], window), lw=1.2, color="C1",
-                    label=f"mean of {window} steps")
+            ax.plot(
+                losses["step"],
+                moving_average(losses[column], window),
+                lw=1.2,
+                color="C1",
+                label=f"mean of {window} steps",
+            )
         ax.set_ylabel(f"{column} (nats)")
         ax.grid(alpha=0.3)
     if window > 1:
@@ -182,7 +189,10 @@ class GridPosterior:
 
 @torch.no_grad()
 def grid_posterior(
-    model: LatentVariableModel, x: torch.Tensor, n: int = POSTERIOR_GRID, limit: float = Z_LIMIT,
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    n: int = POSTERIOR_GRID,
+    limit: float = Z_LIMIT,
     center: tuple[float, float] = (0.0, 0.0),
 ) -> GridPosterior:
     """The exact posterior of a K=2 model for each image in x (N, 784) on an n x n grid over
@@ -248,38 +258,64 @@ def save_posterior(model: LatentVariableModel, x: torch.Tensor, path: Path, labe
         return fig.add_axes(((left + col * (panel + gap)) / width, y0 / height, panel / width, panel * scale / height))
 
     def density(ax: plt.Axes, post: GridPosterior, values: np.ndarray, title: str, show_y: bool) -> None:
-        ax.imshow(np.exp(values), origin="lower", extent=post.extent, cmap="viridis", interpolation="nearest",
-                  aspect="auto")
+        ax.imshow(
+            np.exp(values), origin="lower", extent=post.extent, cmap="viridis", interpolation="nearest", aspect="auto"
+        )
         ax.set_title(title, fontsize=7)
         ax.tick_params(labelsize=6, length=2, pad=1, labelleft=show_y)
         ax.locator_params(nbins=3)
 
-    fig.text((left + panel / 2) / width, (bottom + 2.4 * (panel + gap)) / height, "prior p(z)\n(no image)",
-             ha="center", va="center", fontsize=8)
-    fig.text((left + panel / 2) / width, (bottom + panel / 2) / height, "zoomed in:\neach panel its\nown axes",
-             ha="center", va="center", fontsize=8)
+    fig.text(
+        (left + panel / 2) / width,
+        (bottom + 2.4 * (panel + gap)) / height,
+        "prior p(z)\n(no image)",
+        ha="center",
+        va="center",
+        fontsize=8,
+    )
+    fig.text(
+        (left + panel / 2) / width,
+        (bottom + panel / 2) / height,
+        "zoomed in:\neach panel its\nown axes",
+        ha="center",
+        va="center",
+        fontsize=8,
+    )
     density(axes(0, 1), full, full.log_prior, "p(z)", show_y=True)
     for i in range(n):
         image_ax = axes(i + 1, 0, scale=0.85)
         image_ax.imshow(x[i].reshape(TILE, TILE).cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         image_ax.axis("off")
         zoom = zooms[i]
-        panels = [(axes(i + 1, 1), full, full.log_posterior[i], "p(z|x)"),
-                  (axes(i + 1, 2), zoom, zoom.log_posterior[0], f"log p(x)={zoom.log_px[0]:.1f}")]
+        panels = [
+            (axes(i + 1, 1), full, full.log_posterior[i], "p(z|x)"),
+            (axes(i + 1, 2), zoom, zoom.log_posterior[0], f"log p(x)={zoom.log_px[0]:.1f}"),
+        ]
         for ax, post, values, title in panels:
             density(ax, post, values, title, show_y=post is zoom)
             if q is not None:
                 mu, sd = q[0][i].cpu().numpy(), torch.exp(0.5 * q[1][i]).cpu().numpy()
                 for k in (1, 2):
-                    ax.add_patch(Ellipse(tuple(mu), 2 * k * sd[0], 2 * k * sd[1], fill=False, ec="white", lw=0.8,
-                                         ls="-" if k == 1 else "--"))
+                    ax.add_patch(
+                        Ellipse(
+                            tuple(mu),
+                            2 * k * sd[0],
+                            2 * k * sd[1],
+                            fill=False,
+                            ec="white",
+                            lw=0.8,
+                            ls="-" if k == 1 else "--",
+                        )
+                    )
                 ax.set_xlim(post.extent[:2])
                 ax.set_ylim(post.extent[2:])
     q_note = "; white: q(z|x) at 1 and 2 sd" if q is not None else ""
     fig.suptitle(
         f"exact posterior p(z|x) = p(x|z)p(z)/p(x) on {POSTERIOR_GRID}x{POSTERIOR_GRID} grids: over [-3, 3]^2, "
         f"then around its mean +- 5 sd{q_note}\nlog p(x) by quadrature on the zoomed grid; {label}",
-        fontsize=8, y=1 - 0.08 / height, va="top",
+        fontsize=8,
+        y=1 - 0.08 / height,
+        va="top",
     )
     save_figure(fig, path, tight=False)
 
@@ -300,6 +336,7 @@ def save_encoded(model: LatentVariableModel, x: torch.Tensor, labels: torch.Tens
     ax.set_ylabel("z2")
     ax.grid(alpha=0.3)
     ax.legend(markerscale=6, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), title="digit", title_fontsize=7)
-    ax.set_title(f"encoded test set: means of q(z|x) for {len(mu):,} images (dashed: 2 sd of p(z))\n{label}",
-                 fontsize=8)
+    ax.set_title(
+        f"encoded test set: means of q(z|x) for {len(mu):,} images (dashed: 2 sd of p(z))\n{label}", fontsize=8
+    )
     save_figure(fig, path)

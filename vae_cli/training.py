@@ -1,9 +1,23 @@
-"""The training loop: `train(cfg) -> metrics`, a plain function that Hydra's entry point calls."""
+"""The training loop: `fit` trains a model from step 0 or from a checkpoint, writing losses.csv,
+checkpoint.pt and summary.json (status `trained`) as it goes. Figures and evaluation are other
+stages (vae_cli.pipeline). Exit codes of a stopped run: 3 non-finite loss or gradient, 130
+SIGINT, 143 SIGTERM.
+
+Under hydra/launcher=submitit_*, the preemption signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL
+says otherwise) writes a checkpoint at the next step boundary, then hands over to submitit's
+own handler, which calls Hydra's launcher `checkpoint` (a DelayedSubmission of the same job)
+and requeues it; the requeued job resumes in its run directory (vae_cli.pipeline.prepare).
+"""
+
 from __future__ import annotations
 
-import ctypes
 import logging
+import os
+import shlex
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,71 +25,44 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-import vae_cli
-from vae_cli.config import validate
-from vae_cli.data import load_data
-from vae_cli.errors import ConfigError, NonFiniteError, RunDirError
-from vae_cli.models import N_PIXELS, LatentVariableModel, build_model
+from vae_cli.config import micro_batch_size, model_spec
+from vae_cli.data import BinarizedData
+from vae_cli.device import describe_device, set_process_speed_settings
+from vae_cli.errors import Interrupted, NonFiniteError
+from vae_cli.models import LatentVariableModel, build_model
 from vae_cli.objectives import OBJECTIVES, Objective
-from vae_cli.plotting import save_loss_plot, save_sample_grids
-from vae_cli.resume import Checkpointer, StopSignals, check_finite, failure, prepare, write_stopped_summary
-from vae_cli.rundir import LOSSES, SUMMARY, LossLog, mean_and_stderr, read_losses, write_json
+from vae_cli.rundir import (
+    LOSSES,
+    SUMMARY,
+    Checkpointer,
+    LossLog,
+    atomic_write_bytes,
+    remove_temp_files,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 
-FINAL_WINDOW = 50  # final_loss is the mean of the last this-many step losses
-# On the CPU, glibc serves blocks over 32 MiB with fresh mmaps that page-fault on every step;
-# micro-batches whose logits stay under this many floats (16 MiB) are reused from the heap.
-CPU_MICRO_BATCH_ELEMENTS = 1 << 22
 
-
-# glibc's mallopt parameters; M_MMAP_THRESHOLD is capped at 32 MiB on 64-bit systems.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-HEAP_MMAP_THRESHOLD = 32 << 20
-HEAP_TRIM_THRESHOLD = 1 << 30
-
-
-def keep_freed_heap_memory() -> bool:
-    """Ask glibc to serve blocks up to 32 MiB from the heap and to keep up to 1 GiB of freed heap
-    instead of handing it back to the system, which made every CPU step page-fault its logits and
-    activations in anew (~25k faults a step; the default jensen step went from 0.82 s to 0.78 s).
-    Process-wide; False where the C library is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
-
-
-def set_process_speed_settings(device: torch.device, heap: bool = True) -> dict[str, bool]:
-    """The process-wide settings train() makes before its first step; the benchmark makes them too.
-
-    Importance weights drive most of prior_iwae's gradients towards zero, and denormal floats made
-    its CPU step 5x slower (4.1 s vs 0.83 s, `make bench`). Flushing changes values below 1e-38 only."""
-    return {"flush_denormal": torch.set_flush_denormal(True),
-            "heap_kept": heap and device.type == "cpu" and keep_freed_heap_memory()}
-
-
-def micro_batch_size(cfg: DictConfig, device: torch.device) -> int:
-    """Images per forward/backward pass. Gradients are accumulated, so the step is the same."""
-    if cfg.micro_batch > 0:
-        return min(cfg.micro_batch, cfg.batch_size)
-    if device.type == "cuda" or cfg.objective.get("shared_samples", False):  # shared: logits are (n_samples, 784)
-        return cfg.batch_size
-    return max(1, min(cfg.batch_size, CPU_MICRO_BATCH_ELEMENTS // (cfg.n_samples * N_PIXELS)))
-
-
-def train_step(model, optimizer, objective: Objective, x: torch.Tensor, n_samples: int, micro_batch: int,
-               options: Any = None, autocast: torch.dtype | None = None) -> dict[str, float]:
+def train_step(
+    model,
+    optimizer,
+    objective: Objective,
+    x: torch.Tensor,
+    n_samples: int,
+    micro_batch: int,
+    shared_samples: bool = False,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
     """One optimizer step on the batch x: the loss is the batch mean, accumulated over micro-batches.
 
-    `options` is the objective's config node; `autocast` a dtype for the forward pass (cuda.bf16)."""
+    `autocast` is a dtype for the forward pass (cuda.bf16); the likelihood stays float32."""
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
     for xc in x.split(micro_batch):
         weight = len(xc) / len(x)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-            out = objective(model, xc, n_samples, options)
+            out = objective(model, xc, n_samples, shared_samples)
         (out.loss * weight).backward()
         for name, value in {"loss": out.loss.detach(), **out.terms}.items():
             totals[name] = totals.get(name, 0.0) + value * weight
@@ -102,69 +89,52 @@ def apply_speed_options(
     return options, torch.bfloat16 if cfg.cuda.bf16 else None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.info("CUDA is not available: training on the CPU (%d threads)", torch.get_num_threads())
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("invalid value device='cuda': CUDA is not available here; allowed auto, cpu")
-    return torch.device(name)
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def run_label(cfg: DictConfig) -> str:
     return f"{cfg.objective.name}, K={cfg.K}, n_samples={cfg.n_samples}, batch={cfg.batch_size}"
 
 
-def default_run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        raise RunDirError("no run directory: call train(cfg, run_dir=...) outside a Hydra app")
-    return Path(HydraConfig.get().runtime.output_dir)
+def resume_command(run_dir: Path) -> str:
+    return f"vae-train resume={shlex.quote(str(Path(run_dir).absolute()))}"
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train the model `cfg` describes, write every artifact into `run_dir`, return summary.json's dict.
+def fit(
+    cfg: DictConfig,
+    run_dir: Path,
+    data: BinarizedData,
+    device: torch.device,
+    state: dict[str, Any] | None = None,
+    losses: bytes | None = None,
+    resumed: bool = False,
+) -> dict[str, Any]:
+    """Train the model cfg describes on `data`, from step 0 or from the checked checkpoint `state`
+    (with losses.csv cut back to its step: `losses`); returns summary.json's dict (status trained).
 
-    With cfg.resume set, continue that run in place from its checkpoint with its saved config
-    (`overrides`, by default Hydra's task overrides, say which keys the command line changes)."""
-    validate(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
-    start_point = prepare(cfg, run_dir, overrides)  # refuses an occupied run dir; a resumed run's own config
-    cfg = start_point.cfg
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    device = resolve_device(cfg.device)
+    Expects torch's RNG seeded with cfg.seed before `data` was loaded (the batches draw from it)."""
+    run_dir = Path(run_dir)
     process_settings = set_process_speed_settings(device)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, cfg.seed, device)
-    log.info("data: %s, %d training images, binarization %s", data.source, len(data.train), cfg.data.binarization)
     objective = OBJECTIVES[cfg.objective.name]
-    model = build_model(cfg, objective.uses_encoder, data.pixel_means).to(device)
+    model = build_model(model_spec(cfg), data.pixel_means).to(device)
     speed, autocast = apply_speed_options(cfg, model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     checkpoints = Checkpointer(run_dir, model, optimizer, cfg, device)
-    first_step = checkpoints.begin(start_point, run_dir / LOSSES)  # restores every RNG state last
-    columns = ["step", "loss", *objective.terms]
-    losses = LossLog(run_dir / LOSSES, columns)
-    label = run_label(cfg)
+    first_step = _begin(checkpoints, state, losses, resumed)  # restores every RNG state last
+    log_file = LossLog(run_dir / LOSSES, ["step", "loss", *objective.terms])
     micro_batch = micro_batch_size(cfg, device)
+    shared = bool(cfg.objective.get("shared_samples", False))
     facts = {"micro_batch": micro_batch, "device": describe_device(device), "data": data.source}
 
-    def stopped(status: str, step: int, extra: dict[str, Any]) -> None:  # summary.json of a run that stops early
-        write_stopped_summary(run_dir, cfg, status, step, facts, extra)
+    def stopped(status: str, step: int, extra: dict[str, Any]) -> dict[str, Any]:  # a run that stops early
+        return write_summary(run_dir, cfg, status, step, facts, extra)
 
     start = time.perf_counter()
-    bar = tqdm(range(first_step + 1, cfg.n_train_iters + 1), initial=first_step, total=cfg.n_train_iters,
-               desc=cfg.objective.name, disable=not cfg.progress, unit="it")
+    bar = tqdm(
+        range(first_step + 1, cfg.n_train_iters + 1),
+        initial=first_step,
+        total=cfg.n_train_iters,
+        desc=cfg.objective.name,
+        disable=not cfg.progress,
+        unit="it",
+    )
     try:
         with StopSignals() as signals:
             for step in bar:
@@ -172,56 +142,152 @@ def train(cfg: DictConfig, run_dir: Path | None = None, overrides: list[str] | N
                     signals.stop(checkpoints, step - 1, stopped)
                 try:
                     x = data.batch(cfg.batch_size)
-                    row = {"step": step, **train_step(model, optimizer, objective, x, cfg.n_samples, micro_batch, cfg.objective, autocast)}
+                    row = {
+                        "step": step,
+                        **train_step(model, optimizer, objective, x, cfg.n_samples, micro_batch, shared, autocast),
+                    }
                 except NonFiniteError as exc:
                     raise failure(exc, step, checkpoints, stopped) from None
-                losses.append(row)
+                log_file.append(row)
                 checkpoints.maybe_save(step)
                 bar.set_postfix(loss=f"{row['loss']:.2f}", refresh=False)
                 if step % max(1, cfg.n_train_iters // 10) == 0 or step == cfg.n_train_iters:
                     log.info("step %d/%d loss %.3f", step, cfg.n_train_iters, row["loss"])
     finally:
-        losses.close()
+        log_file.close()
         bar.close()
     train_seconds = time.perf_counter() - start
-
     if checkpoints.step != cfg.n_train_iters:
         checkpoints.save(cfg.n_train_iters)
-    history = read_losses(run_dir / LOSSES)
-    window = history["loss"][-FINAL_WINDOW:]
-    final_loss, final_loss_stderr = mean_and_stderr(window)
-    summary = {
-        "status": "completed",
-        "objective": cfg.objective.name,
-        "K": cfg.K,
-        "n_samples": cfg.n_samples,
-        "batch_size": cfg.batch_size,
+    facts = {
         "micro_batch": micro_batch,
         "speed_options": speed,
         "process_settings": process_settings,
-        "steps": cfg.n_train_iters,
-        "final_loss": final_loss,
-        "final_loss_stderr": final_loss_stderr,
-        "final_loss_window": len(window),
-        "last_loss": history["loss"][-1],
         "train_seconds": train_seconds,
         "it_per_s": (cfg.n_train_iters - first_step) / train_seconds,
         "device": describe_device(device),
-        "torch_version": torch.__version__,
-        "vae_cli_version": vae_cli.__version__,
         "data": data.source,
-        "seed": cfg.seed,
     }
-    save_loss_plot(history, run_dir / "loss.png", label)
-    save_sample_grids(model, run_dir, label)
-    write_json(run_dir / SUMMARY, summary)
+    summary = write_summary(run_dir, cfg, "trained", cfg.n_train_iters, facts)
     log.info(
         "%s: final loss %.2f +- %.2f nats (mean of last %d steps), %.2f it/s on %s; wrote %s",
-        cfg.objective.name, final_loss, final_loss_stderr, len(window), summary["it_per_s"], summary["device"], run_dir,
+        cfg.objective.name,
+        summary["final_loss"],
+        summary["final_loss_stderr"],
+        summary["final_loss_window"],
+        summary["it_per_s"],
+        summary["device"],
+        run_dir,
     )
-    if cfg.eval.enabled:  # test-set log p(x) and the bounds' gaps: eval.json, headline numbers into summary.json
-        from vae_cli.evaluate import evaluate_and_save, headline
-
-        result = evaluate_and_save(model, data.test, cfg.eval, run_dir, objective=cfg.objective.name, data=data.source)
-        summary.update(headline(result))
     return summary
+
+
+def _begin(checkpoints: Checkpointer, state: dict[str, Any] | None, losses: bytes | None, resumed: bool) -> int:
+    """Restore `state` and cut losses.csv back to its step; or, for a new run, write the step-0
+    checkpoint. Returns the step training continues after."""
+    run_dir = checkpoints.path.parent
+    remove_temp_files(run_dir)  # left by a kill during an atomic write
+    if resumed:
+        (run_dir / SUMMARY).unlink(missing_ok=True)  # the stopped run's summary; rewritten at the end
+    if state is None:
+        if resumed:
+            (run_dir / LOSSES).unlink(missing_ok=True)
+        checkpoints.save(0)
+        return 0
+    step = checkpoints.restore(state)
+    atomic_write_bytes(run_dir / LOSSES, losses)
+    log.info("resumed %s at step %d of %d", run_dir, step, checkpoints.cfg.n_train_iters)
+    return step
+
+
+# --- stopping between steps ------------------------------------------------------------------------
+
+
+def preemption_signal() -> signal.Signals | None:
+    """The signal submitit sends before preempting or timing out a job (USR2 unless configured)."""
+    name = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, name, None)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM, and under submitit its preemption signal, set a flag that the training
+    loop reads between steps (a handler does no I/O: the step in progress finishes first).
+    Handlers are installed only in the main thread and restored on exit."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        signals = [signal.SIGINT, signal.SIGTERM]
+        preempt = preemption_signal()
+        if preempt is not None and callable(signal.getsignal(preempt)):  # submitit installed its requeue handler
+            signals.append(preempt)
+        for sig in signals:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored (nohup, a background job): leave it so
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def stop(self, checkpoints: Checkpointer, step: int, summary: Callable[[str, int, dict], object]) -> None:
+        """Act on the signal received during step `step + 1`'s predecessor: checkpoint at `step`,
+        then raise Interrupted (SIGINT, SIGTERM), or hand a preemption over to submitit."""
+        signum, self.received = self.received, None
+        if checkpoints.step != step:
+            checkpoints.save(step)
+        name = signal.Signals(signum).name
+        run_dir = checkpoints.path.parent
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            summary("interrupted", step, {"signal": name, "resume": resume_command(run_dir)})
+            raise Interrupted(
+                f"interrupted at step {step} ({name}); resume with: {resume_command(run_dir)}", 128 + signum
+            )
+        summary("preempted", step, {"signal": name, "resume": resume_command(run_dir)})
+        log.warning("%s at step %d: checkpoint written; handing over to submitit to requeue the job", name, step)
+        previous = self._previous.get(signum)
+        signal.signal(signum, previous)  # submitit's handler; it requeues and exits
+        del self._previous[signum]
+        previous(signum, None)
+
+
+# --- numerical faults -----------------------------------------------------------------------------
+
+
+def check_finite(totals: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Raise NonFiniteError naming the first non-finite loss term or parameter gradient; one
+    device sync per step. Called after backward, before the optimizer step."""
+    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    norms = torch._foreach_norm([g for _, g in grads]) if grads else []
+    values = [torch.as_tensor(v).detach().float().reshape(()) for v in totals.values()]
+    if bool(torch.isfinite(torch.stack(values + [n.float() for n in norms])).all()):
+        return
+    for name, value in totals.items():
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise NonFiniteError(f"{name} = {float(value)}")
+    for (name, _), norm in zip(grads, norms):
+        if not torch.isfinite(norm):
+            raise NonFiniteError(f"gradient of {name} (norm {float(norm)})")
+    raise NonFiniteError("loss terms or gradients")  # pragma: no cover - isfinite disagreed with itself
+
+
+def failure(
+    exc: NonFiniteError, step: int, checkpoints: Checkpointer, summary: Callable[[str, int, dict], object]
+) -> NonFiniteError:
+    """The error that ends a run whose step `step` went non-finite; summary.json says failed.
+    No optimizer step was taken and no checkpoint is written: the last good one stays."""
+    term = str(exc)
+    summary("failed", step - 1, {"failed_step": step, "failed_term": term, "checkpoint_step": checkpoints.step})
+    return NonFiniteError(
+        f"non-finite {term} at step {step}: run stopped, checkpoint of step {checkpoints.step} kept, "
+        f"summary.json status failed ({checkpoints.path.parent})"
+    )

@@ -1,4 +1,4 @@
-"""vae-plot: redraw the figures of runs from their own files (losses.csv, checkpoint.pt,
+"""The figures stage of vae-train, and vae-plot: draw the figures of runs from their own files (losses.csv, checkpoint.pt,
 summary.json, eval.json), and for a multirun or several runs the comparison figures and
 tables, with a report.md that shows every figure and says what it is.
 
@@ -12,32 +12,39 @@ One run, drawn into the run directory (or --out):
 Several runs, into the multirun directory (or --out), each run's figures in its own directory:
     loss_curves.png, vs_<parameter>.png (or metrics_by_run.png), comparison.csv, comparison.md
 """
+
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.compare import Run, collect, differing_keys, is_run_dir, run_value, write_comparison
+from vae_cli import figures_sweep, plotting
+from vae_cli.compare import Run, collect, differing_keys, is_run_dir, load_run, run_value, write_comparison
+from vae_cli.config import data_config
+from vae_cli.data import load_data_here
 from vae_cli.errors import DataError, RunDirError, UserError
-from vae_cli.models import build_model
-from vae_cli.objectives import OBJECTIVES
-from vae_cli.rundir import CHECKPOINT, load_checkpoint
-
-REPORT = "report.md"
-RUN_FIGURES = {
-    "loss.png": "the training loss and each objective term on its own axes (every step, and a moving average)",
-    "samples.png": "8x8 binary samples x ~ p(x|z) for fixed prior draws z ~ p(z)",
-    "means.png": "8x8 decoder means sigmoid(decoder(z)) for the same z: means, not samples",
-    "manifold.png": "decoder means over a 15x15 grid of z in [-3, 3]^2: what each region of the latent space draws",
-    "posterior.png": "the exact posterior p(z|x) of five test digits on a grid over [-3, 3]^2 next to the prior p(z), "
-    "and zoomed in around each posterior (q(z|x) as ellipses for encoder models)",
-    "encoded.png": "the test set encoded: means of q(z|x), coloured by digit",
-}
+from vae_cli.rundir import (
+    CHECKPOINT,
+    ENCODED_PNG,
+    FIGURES,
+    LOSS_CURVES_PNG,
+    LOSS_PNG,
+    MANIFOLD_PNG,
+    MEANS_PNG,
+    METRICS_BY_RUN_PNG,
+    POSTERIOR_PNG,
+    REPORT,
+    SAMPLES_PNG,
+    atomic_write_bytes,
+    check_creatable,
+    load_run_model,
+    metric_figure_name,
+)
 
 
 @dataclass
@@ -62,69 +69,47 @@ class PlotResult:
     tables: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     report: Path | None = None
+    requested_skipped: list[Path] = field(default_factory=list)  # paths asked for of which nothing was drawn
 
     @property
     def plotted(self) -> int:
         return sum(1 for r in self.runs if r.figures) + len(self.figures)
 
 
-def load_run_model(run_dir: Path):
-    """(config, model on the CPU, checkpoint dict) of a run directory."""
-    state = load_checkpoint(run_dir / CHECKPOINT)
-    from vae_cli.resume import saved_config
+def run_label(cfg: DictConfig) -> str:
+    return f"{cfg.objective.name}, K={cfg.K}, n_samples={cfg.n_samples}, batch={cfg.batch_size}"
 
-    cfg = saved_config(state.get("config"), run_dir / CHECKPOINT)  # this version's schema: unknown keys refused
-    try:
-        objective = OBJECTIVES[cfg.objective.name]
-        model = build_model(cfg, objective.uses_encoder)
-    except Exception as exc:  # a checkpoint of another program, or of an incompatible vae-cli
-        raise RunDirError(
-            f"{run_dir / CHECKPOINT} holds no usable vae-cli config ({type(exc).__name__}: {exc})"
-        ) from None
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as exc:
-        raise RunDirError(f"{run_dir / CHECKPOINT} does not match its own config: {str(exc).splitlines()[0]}") from None
-    return cfg, model.eval(), state
+
+TestSet = tuple[torch.Tensor, torch.Tensor]  # binary test images (N, 784) and their labels, on the CPU
 
 
 class TestImages:
     """The binarized test set of each data config, loaded once per vae-plot call."""
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple, Any] = {}
+    def __init__(self, preloaded: dict[str, TestSet] | None = None) -> None:
+        self._cache: dict[str, TestSet | DataError] = dict(preloaded or {})
 
-    def get(self, cfg):
+    @staticmethod
+    def key(cfg: DictConfig) -> str:
+        return repr(sorted(OmegaConf.to_container(cfg.data, resolve=True).items()))
+
+    def get(self, cfg: DictConfig) -> TestSet:
         """(images, labels) on the CPU for cfg.data; DataError when the files are unavailable."""
-        import torch
-
-        from vae_cli.data import load_data
-
-        data_cfg = cfg.data
-        key = tuple(sorted((k, str(v)) for k, v in OmegaConf.to_container(data_cfg, resolve=True).items()))
+        key = self.key(cfg)
         if key not in self._cache:
             try:
-                self._cache[key] = load_data(data_cfg, 0, torch.device("cpu"))
+                data = load_data_here(data_config(cfg), 0, torch.device("cpu"))
+                self._cache[key] = (data.test, data.test_labels)
             except DataError as exc:
-                root = os.environ.get("VAE_CLI_DATA")
-                if not root or data_cfg.name == "synthetic" or Path(root) == Path(str(data_cfg.root)).expanduser():
-                    self._cache[key] = exc
-                else:  # the run was trained elsewhere: try this machine's data root
-                    try:
-                        self._cache[key] = load_data(OmegaConf.merge(data_cfg, {"root": root}), 0, torch.device("cpu"))
-                    except DataError as exc2:
-                        self._cache[key] = exc2
-        data = self._cache[key]
-        if isinstance(data, DataError):
-            raise data
-        return data.test, data.test_labels
+                self._cache[key] = exc
+        found = self._cache[key]
+        if isinstance(found, DataError):
+            raise found
+        return found
 
 
 def draw_run(run: Run, out_dir: Path, test_images: TestImages) -> RunFigures:
     """Every figure of one run that its files allow; what cannot be drawn becomes a note."""
-    from vae_cli import plotting
-    from vae_cli.training import run_label
-
     result = RunFigures(run, out_dir, notes=list(run.notes))
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -137,7 +122,7 @@ def draw_run(run: Run, out_dir: Path, test_images: TestImages) -> RunFigures:
         except Exception as exc:  # one bad figure must not cost the others
             result.notes.append(f"{name} not drawn: {type(exc).__name__}: {exc}")
             return False
-        result.figures.append(Figure(out_dir / name, RUN_FIGURES[name]))
+        result.figures.append(Figure(out_dir / name, FIGURES[name]))
         return True
 
     cfg = model = None
@@ -154,39 +139,38 @@ def draw_run(run: Run, out_dir: Path, test_images: TestImages) -> RunFigures:
         note = ""
         if not run.completed:
             note = run.status + ("" if run.summary else ": no summary.json (still going, or killed)")
-        draw("loss.png", plotting.save_loss_plot, run.losses, out_dir / "loss.png", label, note)
+        draw(LOSS_PNG, plotting.save_loss_plot, run.losses, out_dir / LOSS_PNG, label, note)
     if model is None:
         if not (run.path / CHECKPOINT).exists():
             result.notes.append("no checkpoint.pt yet: samples, means and latent figures need the trained model")
         return result
-    if draw("samples.png", plotting.save_sample_grids, model, out_dir, label):  # means.png from the same draws
-        result.figures.append(Figure(out_dir / "means.png", RUN_FIGURES["means.png"]))
+    samples_and_means = (plotting.save_sample_grids, model, out_dir / SAMPLES_PNG, out_dir / MEANS_PNG, label)
+    if draw(SAMPLES_PNG, *samples_and_means):  # the means from the same draws
+        result.figures.append(Figure(out_dir / MEANS_PNG, FIGURES[MEANS_PNG]))
     if cfg.K != 2:
         result.notes.append(f"K={cfg.K}: the manifold, posterior and encoded figures are drawn for K=2 only")
         return result
-    draw("manifold.png", plotting.save_manifold, model, out_dir / "manifold.png", label)
+    draw(MANIFOLD_PNG, plotting.save_manifold, model, out_dir / MANIFOLD_PNG, label)
     try:
         images, labels = test_images.get(cfg)
     except DataError as exc:
         result.notes.append(f"posterior and encoded figures skipped: test data unavailable ({exc})")
         return result
     picked = plotting.pick_digits(labels)
-    draw("posterior.png", plotting.save_posterior, model, images[picked], out_dir / "posterior.png", label)
+    draw(POSTERIOR_PNG, plotting.save_posterior, model, images[picked], out_dir / POSTERIOR_PNG, label)
     if model.encoder is not None:
-        draw("encoded.png", plotting.save_encoded, model, images, labels, out_dir / "encoded.png", label)
+        draw(ENCODED_PNG, plotting.save_encoded, model, images, labels, out_dir / ENCODED_PNG, label)
     return result
 
 
 def draw_comparison(runs: list[Run], out_dir: Path) -> tuple[list[Figure], list[Path]]:
-    from vae_cli import figures_sweep
-
     figures: list[Figure] = []
     tables = list(write_comparison(runs, out_dir))
     keys = differing_keys(runs)
     label = ", ".join(keys) if keys else "run"
-    if figures_sweep.save_loss_curves(runs, out_dir / "loss_curves.png"):
+    if figures_sweep.save_loss_curves(runs, out_dir / LOSS_CURVES_PNG):
         what = f"the training loss of every run (smoothed), labelled by {label}"
-        figures.append(Figure(out_dir / "loss_curves.png", what))
+        figures.append(Figure(out_dir / LOSS_CURVES_PNG, what))
     metrics = figures_sweep.metrics_present(runs)
     if not metrics:  # no run has a finite final loss: the tables say so, no figure to draw
         return figures, tables
@@ -194,18 +178,14 @@ def draw_comparison(runs: list[Run], out_dir: Path) -> tuple[list[Figure], list[
     for key in swept:
         others = [k for k in keys if k != key]
         lines = f"one line per {', '.join(others)}" if others else "one line"
-        path = out_dir / f"vs_{_safe(key)}.png"
+        path = out_dir / metric_figure_name(key)
         figures_sweep.save_metrics_against(runs, key, path)
         figures.append(Figure(path, f"{', '.join(metrics)} against {key}, {lines}; error bars are 1 stderr"))
     if not swept:
-        figures_sweep.save_metrics_by_run(runs, out_dir / "metrics_by_run.png")
+        figures_sweep.save_metrics_by_run(runs, out_dir / METRICS_BY_RUN_PNG)
         what = f"{', '.join(metrics)} of each run; error bars are 1 stderr"
-        figures.append(Figure(out_dir / "metrics_by_run.png", what))
+        figures.append(Figure(out_dir / METRICS_BY_RUN_PNG, what))
     return figures, tables
-
-
-def _safe(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
 
 
 def plot(paths: list[Path], out: Path | None = None) -> PlotResult:
@@ -216,6 +196,7 @@ def plot(paths: list[Path], out: Path | None = None) -> PlotResult:
     runs, skipped = collect(paths)
     result = PlotResult(out_dir=None, skipped=skipped)
     if not runs:
+        result.requested_skipped = list(paths)
         return result
     single = len(paths) == 1 and is_run_dir(paths[0])
     if single:
@@ -226,7 +207,7 @@ def plot(paths: list[Path], out: Path | None = None) -> PlotResult:
         result.out_dir = paths[0]
     else:
         result.out_dir = Path("vae-plot") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
-    result.out_dir.mkdir(parents=True, exist_ok=True)
+    check_creatable(result.out_dir, "output directory")
 
     test_images = TestImages()
     for run in runs:
@@ -238,6 +219,7 @@ def plot(paths: list[Path], out: Path | None = None) -> PlotResult:
             why = "; ".join(figures.notes) or "no losses, no checkpoint"
             result.skipped.append(f"{run.path}: nothing could be drawn ({why})")
     drawn = [r.run for r in result.runs]
+    result.requested_skipped = [p for p in paths if not any(r.path == p or p in r.path.parents for r in drawn)]
     if not single and drawn:
         result.figures, result.tables = draw_comparison(drawn, result.out_dir)
     if result.plotted:
@@ -248,28 +230,39 @@ def plot(paths: list[Path], out: Path | None = None) -> PlotResult:
 
 def write_report(result: PlotResult, command: str) -> Path:
     """report.md: every figure with one line saying what it is, the comparison table, the notes."""
-    from vae_cli.rundir import atomic_write_bytes
-
     out_dir = result.out_dir
 
     def link(path: Path) -> str:
         return os.path.relpath(path, out_dir).replace(os.sep, "/")
 
     lines = [f"# vae-plot report: {command.removeprefix('vae-plot ')}", ""]
-    lines += [f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}. "
-              f"{len(result.runs)} run(s): {sum(r.run.completed for r in result.runs)} completed, "
-              f"{sum(not r.run.completed for r in result.runs)} partial.", ""]
+    lines += [
+        f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}. "
+        f"{len(result.runs)} run(s): {sum(r.run.completed for r in result.runs)} completed, "
+        f"{sum(not r.run.completed for r in result.runs)} partial.",
+        "",
+    ]
     if result.tables:
         md = next(t for t in result.tables if t.suffix == ".md")
-        lines += ["## Comparison", "", md.read_text().rstrip(), "",
-                  f"Tables: {', '.join(f'[{t.name}]({link(t)})' for t in result.tables)}", ""]
+        lines += [
+            "## Comparison",
+            "",
+            md.read_text().rstrip(),
+            "",
+            f"Tables: {', '.join(f'[{t.name}]({link(t)})' for t in result.tables)}",
+            "",
+        ]
         for fig in result.figures:
             lines += [f"![{fig.path.stem}]({link(fig.path)})", "", f"{fig.path.name}: {fig.what}.", ""]
     keys = differing_keys([r.run for r in result.runs])
     for rf in result.runs:
         title = ", ".join(f"{k}={run_value(rf.run, k)}" for k in keys) if keys else str(rf.run.path)
-        lines += [f"## Run {rf.run.name}: {title}" if len(result.runs) > 1 else f"## Run {rf.run.path}", "",
-                  f"Status: {rf.run.status}. Directory: `{rf.run.path}`.", ""]
+        lines += [
+            f"## Run {rf.run.name}: {title}" if len(result.runs) > 1 else f"## Run {rf.run.path}",
+            "",
+            f"Status: {rf.run.status}. Directory: `{rf.run.path}`.",
+            "",
+        ]
         for fig in rf.figures:
             lines += [f"![{fig.path.stem}]({link(fig.path)})", "", f"{fig.path.name}: {fig.what}.", ""]
         lines += [f"- note: {n}" for n in rf.notes] + ([""] if rf.notes else [])
@@ -280,14 +273,12 @@ def write_report(result: PlotResult, command: str) -> Path:
     return path
 
 
-def redraw_run(run_dir: Path, out_dir: Path) -> Path:
-    """The figures of one run directory into out_dir (kept for callers of the first vae-plot)."""
-    from vae_cli.compare import load_run
-
+def draw_run_dir(run_dir: Path, cfg: DictConfig | None = None, test_set: TestSet | None = None) -> RunFigures:
+    """vae-train's figures stage: every figure of one run into its directory; the test set of the
+    run's config `cfg`, where given, saves reloading it. RunDirError where nothing could be drawn."""
     run_dir = Path(run_dir)
-    if not is_run_dir(run_dir):
-        raise RunDirError(f"{run_dir} is not a vae-train run directory (no losses.csv, checkpoint.pt or summary.json)")
-    figures = draw_run(load_run(run_dir), Path(out_dir), TestImages())
+    preloaded = {TestImages.key(cfg): (test_set[0].cpu(), test_set[1].cpu())} if cfg is not None and test_set else None
+    figures = draw_run(load_run(run_dir), run_dir, TestImages(preloaded))
     if not figures.figures:
         raise RunDirError(f"{run_dir}: nothing could be drawn ({'; '.join(figures.notes)})")
-    return Path(out_dir)
+    return figures

@@ -1,18 +1,18 @@
 """Test-set log p(x) of a trained model, every estimator next to the bounds and their gaps.
 
-`evaluate(model, x, cfg_eval)` returns eval.json's dict; `evaluate_run(run_dir)` loads a run
-from its own files, evaluates it and writes eval.json (and the headline numbers into
-summary.json); training calls `evaluate_and_save` when it ends. Every number is a mean over
+`evaluate(model, x, cfg_eval)` returns eval.json's dict; `evaluate_and_record` writes it into
+a run directory (vae-train's last stage); `evaluate_run(run_dir)` loads a run from its own
+files first (vae-eval). Every number is a mean over
 the same test images with its standard error; a gap is the mean of per-image differences:
 
     gap_jensen = log p(x) - E_p(z) log p(x|z)  = mean KL(p(z) || p(z|x))
     gap_elbo   = log p(x) - ELBO               = mean KL(q(z|x) || p(z|x))
 """
+
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import vae_cli
-from vae_cli.config import EvalConfig, validate_eval
-from vae_cli.errors import ConfigError, DataError, RunDirError
+from vae_cli.config import IMPORTANCE_K, EvalConfig, check_memory, data_config, eval_memory_parts, validate_eval
+from vae_cli.data import load_data, load_data_here
+from vae_cli.device import resolve_device
+from vae_cli.errors import ConfigError, RunDirError
 from vae_cli.estimators import (
     QUADRATURE_MAX_K,
     encoder_statistics,
@@ -34,25 +36,11 @@ from vae_cli.estimators import (
     weighted_sums,
 )
 from vae_cli.models import LatentVariableModel
-from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, mean_and_stderr, read_json, write_json
+from vae_cli.rundir import load_run_model, mean_and_stderr, record_evaluation
 
 log = logging.getLogger(__name__)
 
-EVAL = "eval.json"
-IMPORTANCE_K = {"cuda": 5000, "cpu": 1000}  # draws per image when eval.importance_k is null
 ACTIVE_UNIT_THRESHOLD = 0.01  # a latent dimension is active when Var_x E_q[z_j] exceeds this
-# eval.json keys copied into summary.json, and their names there.
-HEADLINE = {
-    "log_px": "log_px",
-    "log_px_stderr": "log_px_stderr",
-    "estimator": "log_px_estimator",
-    "gap_jensen": "gap_jensen",
-    "gap_jensen_stderr": "gap_jensen_stderr",
-    "gap_elbo": "gap_elbo",
-    "gap_elbo_stderr": "gap_elbo_stderr",
-    "active_units": "active_units",
-    "n_images": "eval_n_images",
-}
 
 
 def mean_stderr(values: torch.Tensor) -> dict[str, float]:
@@ -188,22 +176,23 @@ def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: Dict
     result["bounds"] = {name: bounds[name] for name in ("jensen", "elbo", "iwae_k") if name in bounds}
     if model.encoder is not None:
         result.update(encoder_summary(model, x, cfg_eval))
-    result.update(seconds=time.perf_counter() - start, device=str(x.device), torch_version=torch.__version__,
-                  vae_cli_version=vae_cli.__version__)
+    result.update(
+        seconds=time.perf_counter() - start,
+        device=str(x.device),
+        torch_version=torch.__version__,
+        vae_cli_version=vae_cli.__version__,
+    )
     model.train(was_training)
     return result
-
-
-def headline(result: dict[str, Any]) -> dict[str, Any]:
-    """The numbers summary.json gains from eval.json."""
-    return {name: result[key] for key, name in HEADLINE.items() if key in result}
 
 
 def describe(name: str, entry: dict[str, Any], K: int) -> str:
     s = entry["settings"]
     if name == "quadrature":
-        return (f"{s['points_per_dim']}^{K} grid on [-{s['half_width']:g}, {s['half_width']:g}]^{K}; "
-                f"halving the spacing changes it by {entry['halving']['change']:+.4f}")
+        return (
+            f"{s['points_per_dim']}^{K} grid on [-{s['half_width']:g}, {s['half_width']:g}]^{K}; "
+            f"halving the spacing changes it by {entry['halving']['change']:+.4f}"
+        )
     if name == "importance":
         return f"k={s['k']} draws from q(z|x)"
     return f"S={s['n_samples']} prior draws shared by all images"
@@ -226,23 +215,29 @@ def format_table(result: dict[str, Any]) -> str:
             gap, stderr = result[f"gap_{bound}"], result[f"gap_{bound}_stderr"]
             row(f"gap_{bound}", gap, stderr, None, f"log p(x) - {bound} = mean {what}")
     units = f", active units {result['active_units']}/{result['K']}" if "active_units" in result else ""
-    lines.append(f"* log_px ({result['estimator']}) over {result['n_images']} test images, nats; "
-                 f"{result['seconds']:.1f} s on {result['device']}{units}")
+    lines.append(
+        f"* log_px ({result['estimator']}) over {result['n_images']} test images, nats; "
+        f"{result['seconds']:.1f} s on {result['device']}{units}"
+    )
     if result.get("posterior_means_near_grid_edge"):
-        lines.append(f"warning: {result['posterior_means_near_grid_edge']} images have E_q[z] near the grid's edge: "
-                     "raise eval.quadrature_half_width")
+        lines.append(
+            f"warning: {result['posterior_means_near_grid_edge']} images have E_q[z] near the grid's edge: "
+            "raise eval.quadrature_half_width"
+        )
     return "\n".join(lines)
 
 
-def evaluate_and_save(
-    model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: DictConfig | EvalConfig, run_dir: Path, **context: Any
+def evaluate_and_record(
+    model: LatentVariableModel,
+    data_test: torch.Tensor,
+    cfg_eval: DictConfig | EvalConfig,
+    run_dir: Path,
+    **context: Any,
 ) -> dict[str, Any]:
-    """evaluate(), then eval.json in run_dir (with `context`), the headline numbers merged into summary.json."""
+    """evaluate(), then eval.json in run_dir (with `context`) and the headline numbers in summary.json."""
     run_dir = Path(run_dir)
     result = {"run_dir": str(run_dir), **context, **evaluate(model, data_test, cfg_eval)}
-    write_json(run_dir / EVAL, result)
-    if (run_dir / SUMMARY).exists():
-        write_json(run_dir / SUMMARY, {**read_json(run_dir / SUMMARY), **headline(result)})
+    record_evaluation(run_dir, result)
     log.info("test-set log p(x) of %s:\n%s", run_dir, format_table(result))
     return result
 
@@ -257,42 +252,20 @@ def eval_config(saved: DictConfig | None, overrides: dict[str, Any] | None = Non
     return cfg_eval
 
 
-def load_test_images(cfg: DictConfig, device: torch.device, data_root: str | None = None) -> tuple[torch.Tensor, str]:
-    """The run's binarized test set; a run trained elsewhere falls back to $VAE_CLI_DATA."""
-    from vae_cli.data import load_data
-
-    def load(root: str | None):
-        data_cfg = cfg.data if root is None else OmegaConf.merge(cfg.data, {"root": root})
-        return load_data(data_cfg, cfg.seed, device)
-
-    try:
-        data = load(data_root)
-    except DataError:
-        env_root = os.environ.get("VAE_CLI_DATA")
-        if data_root is not None or not env_root or cfg.data.name == "synthetic" or env_root == str(cfg.data.root):
-            raise
-        data = load(env_root)
-    return data.test, data.source
-
-
 def evaluate_run(
     run_dir: Path, device: str = "auto", overrides: dict[str, Any] | None = None, data_root: str | None = None
 ) -> dict[str, Any]:
-    """Evaluate a finished vae-train run from its own files; writes eval.json and updates summary.json."""
-    from vae_cli.replot import load_run_model
-    from vae_cli.training import resolve_device
-
+    """Evaluate a vae-train run from its own files (vae-eval): eval.json, and summary.json's headline numbers.
+    Everything is read and checked (memory included) before anything is written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a directory")
-    if not (run_dir / CHECKPOINT).exists():
-        why = "not a vae-train run directory"
-        if (run_dir / LOSSES).exists():
-            why = "training has not finished (or was killed)"
-        raise RunDirError(f"{run_dir} has no {CHECKPOINT}: {why}")
     cfg, model, _ = load_run_model(run_dir)
-    cfg_eval = eval_config(cfg.get("eval"), overrides)
+    cfg.eval = eval_config(cfg.get("eval"), overrides)
     torch_device = resolve_device(device)
-    x, source = load_test_images(cfg, torch_device, data_root)
-    return evaluate_and_save(model.to(torch_device), x, cfg_eval, run_dir, objective=cfg.objective.name, data=source)
-
+    check_memory(cfg, torch_device, eval_memory_parts(cfg, torch_device))
+    load = load_data if data_root is not None else load_data_here  # a root the user names is not second-guessed
+    data = load(data_config(cfg, data_root), cfg.seed, torch_device)
+    return evaluate_and_record(
+        model.to(torch_device), data.test, cfg.eval, run_dir, objective=cfg.objective.name, data=data.source
+    )

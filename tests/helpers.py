@@ -1,0 +1,99 @@
+"""Helpers the tests share: tiny settings, configs composed in-process with Hydra's compose API,
+the console scripts run in a subprocess or in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+import vae_cli.pipeline
+from vae_cli.cli import train_main
+from vae_cli.config import register_configs
+
+register_configs()
+
+# Tiny settings: synthetic data, a small decoder, a few steps. Fast on 2 CPU cores.
+TINY = [
+    "data=synthetic",
+    "data.n_train=256",
+    "data.n_test=64",
+    "K=2",
+    "model.hidden=16",
+    "model.depth=2",
+    "n_samples=4",
+    "batch_size=16",
+    "n_train_iters=5",
+    "progress=false",
+    "device=cpu",
+    "eval.enabled=false",  # the end-of-training evaluation is tested on its own in test_eval.py
+]
+BIN = Path(sys.executable).parent
+
+
+def compose_config(overrides: list[str] | None = None, tiny: bool = True):
+    """The config `vae-train <overrides>` would run, composed in-process."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=(TINY if tiny else []) + list(overrides or []))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the installed console scripts (vae-train, vae-plot, ...) in a subprocess."""
+    exe = shutil.which(args[0], path=str(BIN)) or args[0]
+    inherited = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "VAE_CLI_FULL_ERROR")}
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([exe, *args[1:]], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class Reached(BaseException):
+    """Raised instead of loading data: the command line was accepted."""
+
+
+def _reached(*args, **kwargs):
+    raise Reached
+
+
+def vae_train(args: list[str], env: dict[str, str] | None = None) -> tuple[int | None, str, list[str]]:
+    """Run `vae-train ARGS` in-process in an empty directory: (exit code, stderr, files created).
+
+    Data loading raises Reached (the command line was accepted). Warnings are errors here: Hydra
+    reports an exception in a callback as a warning."""
+    cwd = os.getcwd()
+    saved_env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        err = io.StringIO()
+        saved_argv, saved_load = sys.argv, vae_cli.pipeline.load_data
+        sys.argv = ["vae-train", *args]
+        vae_cli.pipeline.load_data = _reached
+        for key in ("HYDRA_FULL_ERROR", "VAE_CLI_FULL_ERROR"):
+            os.environ.pop(key, None)
+        os.environ.update(env or {})
+        try:
+            with contextlib.redirect_stderr(err), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                train_main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.argv, vae_cli.pipeline.load_data = saved_argv, saved_load
+            os.environ.clear()
+            os.environ.update(saved_env)
+            GlobalHydra.instance().clear()
+            os.chdir(cwd)
+            created = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*"))
+    return code, err.getvalue(), created
