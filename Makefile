@@ -16,7 +16,7 @@ LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 COMPILE := pip compile pyproject.toml --extra launchers --extra test --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
-.PHONY: setup lock lock-check train test lint bench clean
+.PHONY: setup lock lock-check train demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,14 @@ lock-check: setup
 
 train: setup
 	$(BIN)/vae-train $(ARGS)
+
+# The story in about three minutes on a CPU: jensen, the log-mean-exp and the ELBO, evaluated,
+# then vae-plot's report (conf/experiment/demo.yaml says how it differs from `make train`).
+DEMO_DIR := multirun/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+demo: setup
+	$(BIN)/vae-train -m +experiment=demo hydra.sweep.dir=$(DEMO_DIR)
+	$(BIN)/vae-plot $(DEMO_DIR)
+	@echo "make demo: the report is $(DEMO_DIR)/report.md (its figures and comparison.md beside it)"
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -41,11 +41,16 @@ BIN = Path(sys.executable).parent
 
 
 def compose_config(overrides: list[str] | None = None, tiny: bool = True):
-    """The config `vae-train <overrides>` would run, composed in-process."""
+    """The config `vae-train <overrides>` would run, composed in-process (TINY first, where asked;
+    its synthetic sizes only while the data set stays synthetic)."""
+    overrides = list(overrides or [])
+    base = TINY if tiny else []
+    if any(o.startswith("data=") and o != "data=synthetic" for o in overrides):
+        base = [o for o in base if not o.startswith(("data.n_train", "data.n_test"))]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=(TINY if tiny else []) + list(overrides or []))
+            return compose(config_name="config", overrides=base + overrides)
     finally:
         GlobalHydra.instance().clear()
 

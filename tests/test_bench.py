@@ -111,7 +111,9 @@ def test_short_run_writes_the_table_fields(bench, tmp_path):
         assert r["s_per_step"] > 0 and r["flops_per_step"] > 0 and 0 < r["fraction_of_floor"]
         assert r["profile"]["matmul_s"] > 0
     assert result["process_settings"]["flush_denormal"] is True
-    assert result["eval"]["n_images"] == 16 and result["eval"]["quadrature_s"] > 0
+    assert result["eval"]["n_images"] == 16 and result["eval"]["estimates"]["quadrature"]["seconds"] > 0
+    assert result["eval"]["estimates"]["importance"]["n_images"] == 16
+    assert result["machine_facts"]["blas"] and result["machine_facts"]["threads"] >= 1
     assert result["targets"] and all("default config" in t["note"] for t in result["targets"])
     assert "target " in proc.stdout and "buys" in proc.stdout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import site
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from helpers import TINY, run_cli
+
+from vae_cli.config import Config, ExactObjectiveConfig, PriorObjectiveConfig, SyntheticDataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -130,3 +133,43 @@ def test_wheel_ships_the_configs(tmp_path):
     )
     assert "pkg://vae_cli.conf" in info.stdout
     assert list(elsewhere.iterdir()) == []  # --cfg writes nothing
+
+
+def schema_keys(schema, prefix: str = "") -> list[str]:
+    """Every leaf key of a config dataclass, dotted."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        nested = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        keys += schema_keys(nested, f"{prefix}{f.name}.") if nested else [f"{prefix}{f.name}"]
+    return keys
+
+
+@pytest.mark.slow
+def test_help_introduces_the_tool_and_lists_every_key_once(tmp_path):
+    """What the tool does first, the commands, the groups a user chooses (no schema groups), every key."""
+    text = run_cli(["vae-train", "--help"], cwd=tmp_path).stdout
+    assert text.startswith("vae-train: train a latent-variable model") and "powered by Hydra" not in text
+    assert "schemas" not in text and "vae-eval RUN_DIR" in text and "vae-plot RUN_DIR" in text
+    lines = [line.strip() for line in text.splitlines()]
+    keys = [k for k in schema_keys(Config) if k not in ("objective", "data")]
+    for schema in (PriorObjectiveConfig, ExactObjectiveConfig):
+        keys += [f"objective.{f.name}" for f in dataclasses.fields(schema) if f.name != "name"]
+    keys += [f"data.{f.name}" for f in dataclasses.fields(SyntheticDataConfig) if f.name != "name"]
+    for key in keys:
+        assert sum(line.startswith(f"{key}=") for line in lines) == 1, key
+    assert next(line for line in lines if line.startswith("data.n_train=")).count("data=synthetic only") == 1
+    for prog in ("vae-eval", "vae-plot"):
+        other = run_cli([prog, "--help"], cwd=tmp_path).stdout
+        assert other.startswith(f"usage: {prog}") and "vae-train" in other
+
+
+@pytest.mark.slow
+def test_bash_completion_installs_and_completes_choices_and_keys(tmp_path):
+    script = run_cli(["vae-train", "--shell-completion", "install=bash"], cwd=tmp_path)
+    assert (
+        script.returncode == 0 and "complete -o nospace -o default -F hydra_bash_completion vae-train" in script.stdout
+    )
+    query = run_cli(["vae-train", "-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": "vae-train objective="})
+    assert query.stdout.split() == ["objective=elbo", "objective=iwae", "objective=jensen", "objective=prior_iwae"]
+    keys = run_cli(["vae-train", "-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": "vae-train eval.imp"})
+    assert "eval.importance_n_images=" in keys.stdout.split()

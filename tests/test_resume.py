@@ -466,8 +466,8 @@ def poisoned(name: str, at_call: int, where: str) -> Objective:
     real = OBJECTIVES[name]
     calls = iter(range(1, 10**6))
 
-    def fn(model, x, n_samples, *options):
-        out = real.fn(model, x, n_samples, *options)
+    def fn(model, x, n_samples, **options):
+        out = real.fn(model, x, n_samples, **options)
         if next(calls) != at_call:
             return out
         if where == "term":
@@ -562,3 +562,14 @@ def test_kill_during_figures_or_evaluation_is_finished_by_resume(stage, status, 
     assert {name: (tmp_path / name).read_bytes() for name in trained} == trained  # not trained again
     with pytest.raises(RunDirError, match="complete"):
         prepare(resume_cfg(tmp_path), tmp_path, [])
+
+
+def test_exact_crash_then_resume_equals_uninterrupted_run(tmp_path, one_thread, no_figures):
+    exact = [*IN_PROCESS, "objective=exact", "objective.grid_points=8"]
+    train(config(exact), run_dir=tmp_path / "reference")
+    with pytest.MonkeyPatch.context() as mp:
+        crash_at(mp, 7, "torn_row")
+        with pytest.raises(Crash):
+            train(config(exact), run_dir=tmp_path / "crashed")
+    train(resume_cfg(tmp_path / "crashed"), run_dir=tmp_path / "crashed", changed=[])
+    assert_same_run(tmp_path / "crashed", tmp_path / "reference")

@@ -133,7 +133,7 @@ def test_shared_samples_use_one_set_of_draws_for_the_batch(name, make_cfg):
     options = True  # objective.shared_samples
     model, x, S = tiny_prior_model(), binary(5, 784), 7
     torch.manual_seed(3)
-    out = OBJECTIVES[name](model, x, S, options)
+    out = OBJECTIVES[name](model, x, S, shared_samples=options)
     torch.manual_seed(3)
     z = model.sample_prior(S)  # the same draws, decoded once and expanded to every image
     log_px_z = plain_log_likelihood(x, model.decode(z).expand(5, S, 784))
@@ -157,7 +157,7 @@ def test_shared_samples_have_the_expectation_of_independent_samples(make_cfg):
     model, x, options = tiny_prior_model(), binary(4, 784), True  # objective.shared_samples
     torch.manual_seed(4)
     with torch.no_grad():
-        shared = torch.stack([OBJECTIVES["jensen"](model, x, 8, options).loss for _ in range(200)])
+        shared = torch.stack([OBJECTIVES["jensen"](model, x, 8, shared_samples=options).loss for _ in range(200)])
         independent = torch.stack([OBJECTIVES["jensen"](model, x, 8).loss for _ in range(200)])
     se = (shared.var() / 200 + independent.var() / 200).sqrt()
     assert abs(shared.mean() - independent.mean()) < 5 * se
@@ -168,7 +168,9 @@ def test_train_step_with_shared_samples_uses_the_whole_batch(make_cfg):
     assert micro_batch_size(cfg, torch.device("cpu")) == cfg.batch_size
     model = build_model(model_spec(cfg))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    row = train_step(model, optimizer, OBJECTIVES["prior_iwae"], binary(200, 784), 64, cfg.batch_size, True)
+    row = train_step(
+        model, optimizer, OBJECTIVES["prior_iwae"], binary(200, 784), 64, cfg.batch_size, {"shared_samples": True}
+    )
     assert set(row) == {"loss", "jensen"} and all(torch.isfinite(torch.tensor(v)) for v in row.values())
 
 
@@ -229,3 +231,53 @@ def test_compiled_likelihood_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-3)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)
+
+
+# --- bf16 autocast on the CPU (cpu.bf16) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_under_bf16_autocast_the_likelihood_is_float32(shared):
+    """The decoder's products may run in bf16; the likelihood upcasts its logits and leaves autocast."""
+    x, logits = binary(3, 784), torch.randn(3, 5, 784).to(torch.bfloat16)
+    if shared:
+        logits = logits[0]
+        plain = bernoulli_log_likelihood_shared(x, logits.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = bernoulli_log_likelihood_shared(x, logits)
+    else:
+        plain = bernoulli_log_likelihood(x, logits.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = bernoulli_log_likelihood(x, logits)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain)
+
+
+@pytest.mark.parametrize("objective", ["jensen", "elbo"])
+def test_a_bf16_step_is_the_float32_step_within_bf16_rounding(objective, make_cfg):
+    cfg = make_cfg([f"objective={objective}"])
+    x = binary(16, 784)
+    losses, grads = [], []
+    for autocast in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = build_model(model_spec(cfg))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        torch.manual_seed(1)
+        losses.append(train_step(model, opt, OBJECTIVES[objective], x, 4, 16, None, autocast)["loss"])
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)  # bf16 keeps 8 bits of mantissa in the products
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_cpu_bf16_is_refused_without_native_bf16(make_cfg, monkeypatch):
+    monkeypatch.setattr("vae_cli.config.cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match=r"cpu.bf16=True: this CPU has no native bf16 instructions"):
+        validate(make_cfg(["cpu.bf16=true"]))
+    monkeypatch.setattr("vae_cli.config.cpu_has_bf16", lambda: True)
+    validate(make_cfg(["cpu.bf16=true"]))
+
+
+def test_cpu_bf16_run_records_it(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr("vae_cli.config.cpu_has_bf16", lambda: True)  # autocast runs (emulated) on any CPU
+    summary = train(make_cfg(["cpu.bf16=true", "n_train_iters=3"]), run_dir=tmp_path / "run")
+    assert summary["speed_options"]["bf16"] is True and summary["status"] == "completed"

@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from vae_cli.callbacks import sweep_job_overrides
+from vae_cli.config import validate
 from vae_cli.plotting import MANIFOLD_GRID, grid_pixels
 
 TINY_NO_SAMPLES = [o for o in TINY if not o.startswith("n_samples=")]
@@ -32,8 +33,6 @@ def job_overrides(overrides: list[str]) -> list[list[str]]:
 
 @pytest.mark.parametrize("preset, n_jobs", [("n_samples", 8), ("objectives", 4), ("K", 12)])
 def test_presets_expand_to_jobs_that_validate(preset, n_jobs):
-    from vae_cli.config import validate
-
     jobs = job_overrides([f"+sweep={preset}", "data=synthetic"])
     assert len(jobs) == n_jobs
     assert len({tuple(sorted(j)) for j in jobs}) == n_jobs
@@ -130,3 +129,27 @@ def test_submitit_local_runs_real_jobs(tmp_path):
     assert [r["objective"] for r in table] == ["jensen", "elbo"]
     logs = list((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2 and all("Job completed successfully" in log.read_text() for log in logs)
+
+
+def test_the_demo_preset_sweeps_three_objectives_at_its_sizes():
+    """+experiment=demo: jensen and the log-mean-exp with shared prior draws, the ELBO with one draw of q;
+    every job is valid, and the evaluation is sized for a CPU."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+experiment=demo"], return_hydra_config=True)
+        jobs = sweep_job_overrides(cfg)
+        composed = [compose(config_name="config", overrides=job) for job in jobs]
+    GlobalHydra.instance().clear()
+    assert [[o for o in job if o.startswith("+demo=")] for job in jobs] == [
+        ["+demo=jensen"],
+        ["+demo=prior_iwae"],
+        ["+demo=elbo"],
+    ]
+    for job in composed:
+        validate(job)
+    assert [(c.objective.name, c.objective.get("shared_samples"), c.n_samples) for c in composed] == [
+        ("jensen", True, 128),
+        ("prior_iwae", True, 1024),
+        ("elbo", None, 1),
+    ]
+    assert all(c.eval.n_images == 2000 and c.n_train_iters == 1500 for c in composed)

@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vae_cli import callbacks, pipeline
 from vae_cli.config import register_configs
+from vae_cli.device import flush_denormals
 from vae_cli.errors import Abort, UserError
 from vae_cli.evaluation import eval_config, evaluate_run, format_table
 from vae_cli.figures import plot
@@ -105,6 +106,15 @@ def user_errors(prog: str = "vae-cli") -> Iterator[None]:
         _exit(prog, "", "interrupted (SIGINT)", 130)
 
 
+COMMANDS = """the three commands:
+  vae-train objective=jensen K=2        one run (vae-train --help lists every key)
+  vae-train -m objective=jensen,prior_iwae,elbo n_samples=1,8,128   a sweep
+  vae-eval RUN_DIR [--full]             test-set log p(x) by every estimator, the bounds and their gaps
+  vae-plot RUN_DIR|MULTIRUN_DIR ...     the figures, comparison.csv/.md and report.md
+
+Bad input gets one line and exit code 2; HYDRA_FULL_ERROR=1 shows the traceback."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that answers a bad option with one line and exit code 2 (no usage block)."""
 
@@ -169,6 +179,7 @@ def _train_app(cfg: DictConfig) -> float:
 
 
 def train_main() -> None:
+    flush_denormals()  # before torch starts its threads, which keep the flag they start with
     # Hydra re-raises instead of printing its own multi-line report; user_errors prints one line,
     # or the whole traceback where the user set HYDRA_FULL_ERROR=1 (kept as VAE_CLI_FULL_ERROR).
     os.environ.setdefault("VAE_CLI_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
@@ -181,6 +192,8 @@ def train_main() -> None:
 def plot_main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(
         prog="vae-plot",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Redraw the figures of vae-train runs; for a multirun directory or several runs, "
         "also the comparison figures, comparison.csv/.md and a report.md.",
     )
@@ -215,8 +228,11 @@ def plot_main(argv: list[str] | None = None) -> None:
 
 
 def eval_main(argv: list[str] | None = None) -> None:
+    flush_denormals()
     parser = OneLineParser(
         prog="vae-eval",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Estimate the test-set log p(x) of vae-train runs (quadrature for K <= 2, importance sampling, "
         "prior Monte Carlo) next to the Jensen bound, the ELBO and IWAE-k; writes eval.json into each run directory "
         "and the headline numbers into its summary.json. Options not given keep the run's own eval.* settings.",
@@ -228,14 +244,25 @@ def eval_main(argv: list[str] | None = None) -> None:
         "--importance-k", type=int, help="draws from q(z|x) per image (default: 5000 on CUDA, 1000 on the CPU)"
     )
     parser.add_argument(
+        "--importance-n-images",
+        type=int,
+        help="images for importance sampling, the ELBO and IWAE-k: the first N of those evaluated "
+        "(default: all on CUDA, 1000 on the CPU; 0 = all)",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="every estimator on every test image (--n-images 0 and the subsets off)"
+    )
+    parser.add_argument(
         "--quadrature-points", type=int, help="grid points in all, for K <= 2 (default: 147456 = 384^2)"
     )
     parser.add_argument("--prior-mc-samples", type=int, help="prior draws shared by every image (default: 10000)")
     parser.add_argument("--batch-size", type=int, help="images per pass (default: 1000); results do not depend on it")
     parser.add_argument("--data-root", help="read the test set from here instead of the run's data.root")
     args = parser.parse_args(argv)
-    keys = ("n_images", "importance_k", "quadrature_points", "prior_mc_samples", "batch_size")
+    keys = ("n_images", "importance_k", "importance_n_images", "quadrature_points", "prior_mc_samples", "batch_size")
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    if args.full:  # every image for every estimator, whatever the run's own eval.* said
+        overrides.update(n_images=None, importance_n_images=0)
     with user_errors("vae-eval"):
         eval_config(None, overrides)  # a bad option fails once, before any run is loaded
     failed = 0

@@ -21,10 +21,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vae_cli.device import DEVICES, available_bytes, resolve_device
+from vae_cli.device import DEVICES, available_bytes, cpu_has_bf16, resolve_device
 from vae_cli.errors import ConfigError, RunDirError
-from vae_cli.estimators import QUADRATURE_MAX_K
-from vae_cli.models import N_PIXELS, ModelSpec
+from vae_cli.models import N_PIXELS, QUADRATURE_MAX_K, ModelSpec
 from vae_cli.objectives import OBJECTIVES
 
 ACTIVATIONS = ("elu", "relu", "tanh", "gelu", "silu")
@@ -48,6 +47,14 @@ class PriorObjectiveConfig(ObjectiveConfig):
 
 
 @dataclass
+class ExactObjectiveConfig(ObjectiveConfig):
+    """objective=exact (K <= 2): log p(x) by the midpoint rule on a grid shared by the batch."""
+
+    grid_points: int = 96  # per dimension: 96^2 = 9216 decoder rows a step (the default prior sampling decodes 32768)
+    half_width: float = 6.0  # the grid covers [-half_width, half_width]^K
+
+
+@dataclass
 class EncoderObjectiveConfig(ObjectiveConfig):
     """Objectives with a Gaussian encoder q(z|x) as proposal."""
 
@@ -64,11 +71,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """MNIST and Fashion-MNIST: torchvision's files under root."""
+
     name: str = "mnist"
     root: str = "${oc.env:VAE_CLI_DATA,'~/.cache/vae-cli/data'}"
     download: bool = False
     binarization: str = "static"  # static: one seeded draw of the training set; dynamic: redrawn every batch
-    # Only for name=synthetic (tests and smoke runs): sizes of the random binary images.
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """Tiny random binary images (tests and smoke runs): only their sizes are set."""
+
+    name: str = "synthetic"
     n_train: int = 512
     n_test: int = 256
 
@@ -83,6 +98,9 @@ class EvalConfig:
     quadrature_points: int = 147456  # grid points in all (K <= 2): 384^2 for K=2, 147456 for K=1
     quadrature_half_width: float = 6.0  # the grid covers [-w, w]^K
     importance_k: int | None = None  # draws from q(z|x) per image; null = 5000 on CUDA, 1000 on the CPU
+    # Images for importance sampling with q (and the ELBO and IWAE-k from the same draws): the first
+    # N of those evaluated; null = all on CUDA, 1000 on the CPU (a tenth of the time); 0 = all.
+    importance_n_images: int | None = None
     iwae_k: int = 128  # k of the IWAE-k bound, from the same draws (capped at importance_k)
     prior_mc_samples: int = 10000  # prior draws shared by every image
     seed: int = 0
@@ -97,10 +115,19 @@ class CudaConfig:
 
 
 @dataclass
+class CpuConfig:
+    """CPU-only speed options, off by default."""
+
+    # bf16 autocast of the decoder's matrix products (the likelihood stays float32); needs a CPU with
+    # native bf16 instructions (avx512_bf16 or AMX). README, Speed: the tolerance it was measured to hold.
+    bf16: bool = False
+
+
+@dataclass
 class Config:
     objective: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: Any = MISSING  # a DataConfig, or a SyntheticDataConfig for data=synthetic
     K: int = 2
     n_samples: int = 128
     batch_size: int = 256
@@ -114,6 +141,7 @@ class Config:
     resume: str | None = None  # a run directory: continue it in place from its last checkpoint
     eval: EvalConfig = field(default_factory=EvalConfig)
     cuda: CudaConfig = field(default_factory=CudaConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
     compile: bool = False  # torch.compile the decoder and likelihood (CPU or CUDA); compiles during the first steps
 
 
@@ -128,6 +156,9 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="schemas/objective", name="prior", node=PriorObjectiveConfig)
     cs.store(group="schemas/objective", name="encoder", node=EncoderObjectiveConfig)
+    cs.store(group="schemas/objective", name="exact", node=ExactObjectiveConfig)
+    cs.store(group="schemas/data", name="files", node=DataConfig)
+    cs.store(group="schemas/data", name="synthetic", node=SyntheticDataConfig)
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -135,9 +166,20 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"invalid value {key}={value!r}: allowed {allowed}")
 
 
-def _positive_int(cfg: DictConfig, key: str) -> None:
+def _int_at_least(cfg: DictConfig, key: str, minimum: int, why: str = "") -> None:
     value = _select(cfg, key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value, "an integer >= 1")
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _require(ok, key, value, f"an integer >= {minimum}{why}")
+
+
+def _positive_int(cfg: DictConfig, key: str) -> None:
+    _int_at_least(cfg, key, 1)
+
+
+def _positive_number(cfg: DictConfig, key: str) -> None:
+    value = _select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    _require(ok, key, value, "a finite number > 0")
 
 
 def _one_of(cfg: DictConfig, key: str, allowed: tuple[str, ...]) -> None:
@@ -201,12 +243,21 @@ def objective_schema(node: Any) -> type:
     objective = OBJECTIVES.get(node.get("name")) if OmegaConf.is_dict(node) else None
     if objective is None:
         return ObjectiveConfig
+    if objective.name == "exact":
+        return ExactObjectiveConfig
     return EncoderObjectiveConfig if objective.uses_encoder else PriorObjectiveConfig
+
+
+def data_schema(node: Any) -> type:
+    """The schema of a data node: the synthetic one has sizes, the others files."""
+    return SyntheticDataConfig if OmegaConf.is_dict(node) and node.get("name") == "synthetic" else DataConfig
 
 
 def _nested_schema(f: dataclasses.Field, node: Any = None) -> type | None:
     if f.name == "objective" and f.default is MISSING:  # Any in the schema, an ObjectiveConfig in practice
         return objective_schema(node)
+    if f.name == "data" and f.default is MISSING:  # likewise a DataConfig
+        return data_schema(node)
     factory = f.default_factory
     return factory if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory) else None
 
@@ -246,11 +297,21 @@ def _validate_values(cfg: DictConfig) -> None:
         _positive_int(cfg, f"model.{key}")
     validate_eval(cfg)
     validate_speed(cfg)
-    check_memory(cfg, resolve_device(cfg.device))
+    check_memory(cfg, resolve_device(cfg.device, quiet=True))
 
 
 def validate_speed(cfg: DictConfig) -> None:
-    """objective.shared_samples, cuda.*, compile: the combinations they allow."""
+    """objective.shared_samples, cuda.*, cpu.*, compile: the combinations they allow."""
+    if cfg.objective.name == "exact":
+        _require(
+            cfg.K <= QUADRATURE_MAX_K,
+            "K",
+            cfg.K,
+            f"K <= {QUADRATURE_MAX_K} with objective=exact (a grid over "
+            "the latent space: beyond 2 dimensions it cannot resolve the posterior)",
+        )
+        _int_at_least(cfg, "objective.grid_points", 4, " (the halving check uses half as many)")
+        _positive_number(cfg, "objective.half_width")
     if cfg.objective.get("shared_samples", False) and 0 < cfg.micro_batch < cfg.batch_size:
         raise ConfigError(
             f"invalid value micro_batch={cfg.micro_batch!r} with objective.shared_samples=true: the shared samples "
@@ -262,24 +323,34 @@ def validate_speed(cfg: DictConfig) -> None:
         if cfg.device == "cpu" or not torch.cuda.is_available():
             where = "device=cpu" if cfg.device == "cpu" else "CUDA is not available here"
             raise ConfigError(f"invalid value cuda.{key}=True: a CUDA-only option ({where}); allowed false")
+    if cfg.cpu.bf16:
+        if resolve_device(cfg.device, quiet=True).type != "cpu":
+            raise ConfigError(
+                "invalid value cpu.bf16=True: a CPU-only option (this run is on CUDA: cuda.bf16); allowed false"
+            )
+        if not cpu_has_bf16():
+            raise ConfigError(
+                "invalid value cpu.bf16=True: this CPU has no native bf16 instructions (avx512_bf16 or amx_bf16), "
+                "where bf16 matmuls are slower than float32; allowed false"
+            )
 
 
 def validate_eval(cfg: DictConfig) -> None:
     """The eval.* values of cfg (a Config, or any node with an `eval` child)."""
     for key in ("batch_size", "iwae_k", "prior_mc_samples"):
         _positive_int(cfg, f"eval.{key}")
-    points = cfg.eval.quadrature_points
-    _require(
-        isinstance(points, int) and not isinstance(points, bool) and points >= 16,
-        "eval.quadrature_points",
-        points,
-        "an integer >= 16 (the convergence check halves the spacing)",
-    )
+    _int_at_least(cfg, "eval.quadrature_points", 16, " (the convergence check halves the spacing)")
     for key in ("n_images", "importance_k"):
         if _select(cfg, f"eval.{key}") is not None:
             _positive_int(cfg, f"eval.{key}")
-    width = cfg.eval.quadrature_half_width
-    _require(isinstance(width, (int, float)) and width > 0, "eval.quadrature_half_width", width, "a number > 0")
+    subset = cfg.eval.importance_n_images
+    _require(
+        subset is None or isinstance(subset, int) and not isinstance(subset, bool) and subset >= 0,
+        "eval.importance_n_images",
+        subset,
+        "an integer >= 0 (0 = all) or null (1000 on the CPU, all on CUDA)",
+    )
+    _positive_number(cfg, "eval.quadrature_half_width")
     _require(
         isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31,
         "eval.seed",
@@ -305,8 +376,8 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
 def data_config(cfg: DictConfig, root: str | None = None) -> DataConfig:
     """cfg.data as a plain DataConfig (interpolations resolved), its root replaced by `root` if given."""
     data = OmegaConf.to_object(cfg.data)
-    if not isinstance(data, DataConfig):  # a saved config typed by saved_config is a DataConfig already
-        data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+    if not isinstance(data, DataConfig):  # an untyped node (a config composed without the schemas)
+        data = data_schema(cfg.data)(**OmegaConf.to_container(cfg.data, resolve=True))
     if root is not None:
         data = dataclasses.replace(data, root=root)
     return data
@@ -334,11 +405,21 @@ def saved_config(saved: Any, source: Path) -> DictConfig:
 CPU_MICRO_BATCH_ELEMENTS = 1 << 22
 
 
+def objective_options(cfg: DictConfig) -> dict[str, Any]:
+    """The keyword options of the run's objective function: its config node less its name."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.objective, resolve=True).items() if k != "name"}
+
+
+def decodes_shared_latents(cfg: DictConfig) -> bool:
+    """The decoder runs once for the whole batch: shared prior samples, or exact's grid."""
+    return bool(cfg.objective.get("shared_samples", False)) or cfg.objective.name == "exact"
+
+
 def micro_batch_size(cfg: DictConfig, device: torch.device) -> int:
     """Images per forward/backward pass. Gradients are accumulated, so the step is the same."""
     if cfg.micro_batch > 0:
         return min(cfg.micro_batch, cfg.batch_size)
-    if device.type == "cuda" or cfg.objective.get("shared_samples", False):  # shared: logits are (n_samples, 784)
+    if device.type == "cuda" or decodes_shared_latents(cfg):  # shared: logits are (latents, 784)
         return cfg.batch_size
     return max(1, min(cfg.batch_size, CPU_MICRO_BATCH_ELEMENTS // (cfg.n_samples * N_PIXELS)))
 
@@ -348,6 +429,17 @@ def micro_batch_size(cfg: DictConfig, device: torch.device) -> int:
 FLOAT = 4  # bytes of a float32
 MNIST_IMAGES = 70_000
 IMPORTANCE_K = {"cuda": 5000, "cpu": 1000}  # draws per image when eval.importance_k is null
+IMPORTANCE_N_IMAGES = {"cuda": 0, "cpu": 1000}  # images when eval.importance_n_images is null (0: all)
+
+
+def importance_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
+    """(draws per image, images) of importance sampling with q for cfg_eval on `device`, out of n_images."""
+    k = cfg_eval.importance_k or IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
+    n = cfg_eval.importance_n_images
+    n = IMPORTANCE_N_IMAGES.get(device.type, IMPORTANCE_N_IMAGES["cpu"]) if n is None else n
+    return k, n_images if n == 0 else min(n, n_images)
+
+
 # Adam keeps two moments beside each parameter and its gradient; a checkpoint copies both once more.
 BYTES_PER_PARAMETER = 6 * FLOAT
 # A layer's output is kept for the backward and its gradient made there: two copies of each activation.
@@ -372,8 +464,9 @@ def memory_parts(cfg: DictConfig, device: torch.device) -> list[tuple[str, int]]
         )
     images = cfg.data.n_train + cfg.data.n_test if cfg.data.name == "synthetic" else MNIST_IMAGES
     micro = micro_batch_size(cfg, device)
-    shared = bool(cfg.objective.get("shared_samples", False))
-    rows = cfg.n_samples if shared else micro * cfg.n_samples
+    shared = decodes_shared_latents(cfg)
+    latents = cfg.objective.grid_points**cfg.K if cfg.objective.name == "exact" else cfg.n_samples
+    rows = latents if shared else micro * cfg.n_samples
     parts = [
         ("model.hidden, model.depth", params * BYTES_PER_PARAMETER),
         ("data", 2 * images * N_PIXELS * FLOAT),
@@ -399,7 +492,7 @@ def eval_memory_parts(cfg: DictConfig, device: torch.device) -> list[tuple[str, 
     if cfg.K <= QUADRATURE_MAX_K:
         parts.append(("eval.quadrature_points", 4 * e.quadrature_points * (cfg.K + 1) * 2 * FLOAT))
     if OBJECTIVES[cfg.objective.name].uses_encoder:
-        k = e.importance_k or IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
+        k, _ = importance_sizes(e, device, images)
         parts.append(("eval.importance_k, eval.batch_size", 4 * batch * k * (cfg.K + 1) * FLOAT))
     return parts
 

@@ -21,12 +21,13 @@ HEAP_MMAP_THRESHOLD = 32 << 20
 HEAP_TRIM_THRESHOLD = 1 << 30
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA where it is available, else the CPU; cuda where it is not: ConfigError."""
+def resolve_device(name: str, quiet: bool = False) -> torch.device:
+    """auto: CUDA where it is available, else the CPU (said once, unless quiet); cuda where it is not: ConfigError."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        log.info("CUDA is not available: running on the CPU (%d threads)", torch.get_num_threads())
+        if not quiet:
+            log.info("CUDA is not available: running on the CPU (%d threads)", torch.get_num_threads())
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("invalid value device='cuda': CUDA is not available here; allowed auto, cpu")
@@ -56,6 +57,16 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def cpu_has_bf16() -> bool:
+    """The CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX), as oneDNN reports it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def keep_freed_heap_memory() -> bool:
     """Ask glibc to serve blocks up to 32 MiB from the heap and to keep up to 1 GiB of freed heap
     instead of handing it back to the system, which made every CPU step page-fault its logits and
@@ -68,12 +79,20 @@ def keep_freed_heap_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
 
 
-def set_process_speed_settings(device: torch.device, heap: bool = True) -> dict[str, bool]:
-    """The process-wide settings a run makes before its first step; the benchmark makes them too.
+def flush_denormals() -> bool:
+    """Flush denormal floats to zero (values below 1e-38 only). Importance weights drive most of
+    prior_iwae's and exact's gradients towards zero, and denormals made the CPU step up to 5x slower.
 
-    Importance weights drive most of prior_iwae's gradients towards zero, and denormal floats made
-    its CPU step 5x slower (4.1 s vs 0.83 s, `make bench`). Flushing changes values below 1e-38 only."""
+    Call it before torch's first parallel operation: the flag is per thread, and torch's intra-op
+    threads keep the one they were started with (set after loading the data, it left exact's step
+    at 0.51 s instead of 0.29 s)."""
+    return torch.set_flush_denormal(True)
+
+
+def set_process_speed_settings(device: torch.device, heap: bool = True) -> dict[str, bool]:
+    """The process-wide settings a run makes before its first step (the benchmark makes them too);
+    the console scripts flush denormals at their start already (flush_denormals)."""
     return {
-        "flush_denormal": torch.set_flush_denormal(True),
+        "flush_denormal": flush_denormals(),
         "heap_kept": heap and device.type == "cpu" and keep_freed_heap_memory(),
     }

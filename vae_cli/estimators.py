@@ -22,17 +22,18 @@ from dataclasses import dataclass
 import torch
 
 from vae_cli.models import (
+    HALF_WIDTH,
     N_PIXELS,
+    QUADRATURE_MAX_K,
     LatentVariableModel,
     bernoulli_log_likelihood_shared,
     diagonal_normal_log_prob,
     kl_to_standard_normal,
+    quadrature_grid,
     standard_normal_log_prob,
 )
 from vae_cli.objectives import log_mean_exp
 
-HALF_WIDTH = 6.0  # the grid covers [-6, 6]^K: prior mass outside it is 2e-9 per dimension
-QUADRATURE_MAX_K = 2  # beyond 2 dimensions a grid that resolves the posterior is too large
 BATCH_SIZE = 1000
 # Floats in the largest temporary. On the CPU, blocks under 32 MiB are reused from the heap
 # instead of page-faulting fresh mmaps (see config.CPU_MICRO_BATCH_ELEMENTS).
@@ -48,21 +49,6 @@ def default_chunk_elements(device: torch.device) -> int:
 
 
 # --- Latent points shared by every image: the quadrature grid and prior draws --------------------
-
-
-def quadrature_grid(
-    K: int, points_per_dim: int, half_width: float = HALF_WIDTH, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Midpoints z_g (G, K) of a regular grid over [-L, L]^K and log w_g = log p(z_g) h^K, normalized.
-
-    Normalizing renormalizes the prior to the grid's box; the mass it drops is negligible at L=6."""
-    h = 2 * half_width / points_per_dim
-    axis = -half_width + h * (torch.arange(points_per_dim, dtype=torch.float64) + 0.5)
-    z = torch.cartesian_prod(*[axis] * K).reshape(-1, K)
-    log_w = standard_normal_log_prob(z) + K * math.log(h)
-    log_w = log_w - torch.logsumexp(log_w, 0)
-    dtype = torch.get_default_dtype()
-    return z.to(device, dtype), log_w.to(device, dtype)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import vae_cli
-from vae_cli.config import IMPORTANCE_K, EvalConfig, check_memory, data_config, eval_memory_parts, validate_eval
+from vae_cli.config import EvalConfig, check_memory, data_config, eval_memory_parts, importance_sizes, validate_eval
 from vae_cli.data import load_data, load_data_here
 from vae_cli.device import resolve_device
 from vae_cli.errors import ConfigError, RunDirError
@@ -100,15 +100,21 @@ def run_quadrature(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: S
 
 
 def run_importance(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Stopwatch) -> RunResult:
-    """log p(x) with q(z|x) as proposal, and the ELBO and IWAE-k bound from the same draws."""
-    k = cfg_eval.importance_k or IMPORTANCE_K.get(x.device.type, IMPORTANCE_K["cpu"])
+    """log p(x) with q(z|x) as proposal, and the ELBO and IWAE-k bound from the same draws, on the
+    first eval.importance_n_images images (per-image draws cost k decoder passes an image)."""
+    k, n = importance_sizes(cfg_eval, x.device, len(x))
     iwae_k = min(cfg_eval.iwae_k, k)
-    imp = importance_sums(model, x, k, iwae_k, cfg_eval.seed, cfg_eval.batch_size)
-    settings = {"k": k, "proposal": "q(z|x)", "seed": cfg_eval.seed}
+    imp = importance_sums(model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size)
+    settings = {"k": k, "proposal": "q(z|x)", "seed": cfg_eval.seed, "n_images": n}
     entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": settings}
     bounds = {
-        "elbo": {**mean_stderr(imp.elbo), "method": f"{k} draws from q(z|x), closed-form KL"},
-        "iwae_k": {**mean_stderr(imp.iwae), "k": iwae_k, "method": f"mean over {k // iwae_k} groups of {iwae_k} draws"},
+        "elbo": {**mean_stderr(imp.elbo), "n_images": n, "method": f"{k} draws from q(z|x), closed-form KL"},
+        "iwae_k": {
+            **mean_stderr(imp.iwae),
+            "k": iwae_k,
+            "n_images": n,
+            "method": f"mean over {k // iwae_k} groups of {iwae_k} draws",
+        },
     }
     return entry, {"importance": imp.log_px, "elbo": imp.elbo}, bounds
 
@@ -155,7 +161,7 @@ def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: Dict
     runs += [("prior_mc", run_prior_mc)]
     for name, run in runs:
         entry, values, new_bounds = run(model, x, cfg_eval, lap)
-        estimates[name] = entry
+        estimates[name] = {**entry, "n_images": len(values[name])}
         per_image = {**values, **per_image}  # the Jensen bound from the first (most exact) that gives it
         bounds = {**new_bounds, **bounds}
     estimator = runs[0][0]  # quadrature where K <= 2, else importance, else prior_mc
@@ -164,14 +170,18 @@ def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: Dict
         "log_px": estimates[estimator]["value"],
         "log_px_stderr": estimates[estimator]["stderr"],
         "estimator": estimator,
-        "n_images": len(x),
+        "n_images": len(per_image[estimator]),
         "K": model.K,
     }
-    for bound in ("jensen", "elbo"):  # gaps are means of per-image differences: paired, so their stderr is small
-        gap = {"value": None, "stderr": None}
+    # Gaps are means of per-image differences on the images both have (the first n): paired, so
+    # their stderr is small.
+    for bound in ("jensen", "elbo"):
+        gap, n = {"value": None, "stderr": None}, None
         if bound in per_image:
-            gap = mean_stderr(per_image[estimator] - per_image[bound])
+            n = min(len(per_image[estimator]), len(per_image[bound]))
+            gap = mean_stderr(per_image[estimator][:n] - per_image[bound][:n])
         result[f"gap_{bound}"], result[f"gap_{bound}_stderr"] = gap["value"], gap["stderr"]
+        result[f"gap_{bound}_n_images"] = n
     result["estimates"] = estimates
     result["bounds"] = {name: bounds[name] for name in ("jensen", "elbo", "iwae_k") if name in bounds}
     if model.encoder is not None:
@@ -194,26 +204,28 @@ def describe(name: str, entry: dict[str, Any], K: int) -> str:
             f"halving the spacing changes it by {entry['halving']['change']:+.4f}"
         )
     if name == "importance":
-        return f"k={s['k']} draws from q(z|x)"
+        return f"k={s['k']} draws from q(z|x), first {s['n_images']} images"
     return f"S={s['n_samples']} prior draws shared by all images"
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """One screen: each estimator and bound with its value, stderr and seconds, then the gaps."""
-    lines = [f"{'':<14}{'log p(x)':>11}{'stderr':>9}{'seconds':>9}  settings"]
+    """One screen: each estimator and bound with its value, stderr, images and seconds, then the gaps."""
+    lines = [f"{'':<14}{'log p(x)':>11}{'stderr':>9}{'images':>8}{'seconds':>9}  settings"]
 
-    def row(name: str, value: float, stderr: float, seconds: float | None, note: str) -> None:
-        lines.append(f"{name:<14}{value:11.3f}{stderr:9.4f}{'' if seconds is None else f'{seconds:.1f}':>9}  {note}")
+    def row(name: str, value: float, stderr: float, images: int | None, seconds: float | None, note: str) -> None:
+        cells = f"{name:<14}{value:11.3f}{stderr:9.4f}{images or result['n_images']:>8}"
+        lines.append(f"{cells}{'' if seconds is None else f'{seconds:.1f}':>9}  {note}")
 
     for name, e in result["estimates"].items():
         label = name + (" *" if name == result["estimator"] else "")
-        row(label, e["value"], e["stderr"], e["seconds"], describe(name, e, result["K"]))
+        row(label, e["value"], e["stderr"], e.get("n_images"), e["seconds"], describe(name, e, result["K"]))
     for name, b in result["bounds"].items():
-        row(f"bound iwae_{b['k']}" if name == "iwae_k" else f"bound {name}", b["value"], b["stderr"], None, b["method"])
+        label = f"bound iwae_{b['k']}" if name == "iwae_k" else f"bound {name}"
+        row(label, b["value"], b["stderr"], b.get("n_images"), None, b["method"])
     for bound, what in (("jensen", "KL(p(z) || p(z|x))"), ("elbo", "KL(q(z|x) || p(z|x))")):
         if result[f"gap_{bound}"] is not None:
-            gap, stderr = result[f"gap_{bound}"], result[f"gap_{bound}_stderr"]
-            row(f"gap_{bound}", gap, stderr, None, f"log p(x) - {bound} = mean {what}")
+            gap, stderr, n = result[f"gap_{bound}"], result[f"gap_{bound}_stderr"], result.get(f"gap_{bound}_n_images")
+            row(f"gap_{bound}", gap, stderr, n, None, f"log p(x) - {bound} = mean {what}, paired per image")
     units = f", active units {result['active_units']}/{result['K']}" if "active_units" in result else ""
     lines.append(
         f"* log_px ({result['estimator']}) over {result['n_images']} test images, nats; "

@@ -4,6 +4,8 @@ and (for the ELBO and IWAE objectives) a Gaussian MLP encoder q(z|x)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +50,6 @@ class _BernoulliLogLikelihood(torch.autograd.Function):
     in float32 (bf16 logits upcast)."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x: torch.Tensor, logits: torch.Tensor, overwrite: bool) -> torch.Tensor:
         ctx.save_for_backward(x, logits)
         ctx.overwrite = overwrite
@@ -59,7 +60,6 @@ class _BernoulliLogLikelihood(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         # Overwriting bumps the logits' version: a second backward (retain_graph) fails in autograd's check.
         x, logits = ctx.saved_tensors
@@ -89,19 +89,55 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor, overwrite: b
     The fused form of sum_d log Bern(x_d; sigmoid(l_d)): no probabilities, no distribution
     objects, no (B, ..., D) temporary beyond a cache-sized chunk. overwrite=True lets the
     backward write the gradient into the logits' memory: only for logits nobody else reads."""
-    return _BernoulliLogLikelihood.apply(x, logits, overwrite)
+    with float32_likelihood(logits) as logits32:  # a float32 copy of bf16 logits is ours to overwrite
+        return _BernoulliLogLikelihood.apply(x, logits32, overwrite or logits32 is not logits)
 
 
 def bernoulli_log_likelihood_formula(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The same log p(x|z) as bernoulli_log_likelihood, left to autograd (or to torch.compile)."""
-    return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
+    with float32_likelihood(logits) as logits:
+        return torch.einsum("b...d,bd->b...", logits, x) - F.softplus(logits).sum(-1)
 
 
 def bernoulli_log_likelihood_shared(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log p(x_b|z_s) = x_b . l_s - sum_d softplus(l_sd) for every pair: x (B, D), logits (S, D) -> (B, S).
 
     Logits shared by the whole batch: one matrix product instead of B x S decoder passes."""
-    return x @ logits.T - F.softplus(logits).sum(-1)
+    with float32_likelihood(logits) as logits:
+        return x @ logits.T - F.softplus(logits).sum(-1)
+
+
+@contextmanager
+def float32_likelihood(logits: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The logits in float32 with autocast off: under bf16 autocast (cuda.bf16, cpu_bf16) the decoder's
+    matrix products run in bf16, but a sum of 784 log-probabilities in bf16 (8-bit mantissa) would be
+    off by nats, so the likelihood and its gradient stay float32."""
+    with torch.autocast(logits.device.type, enabled=False):
+        yield logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
+
+
+HALF_WIDTH = 6.0  # a grid over [-6, 6]^K: prior mass outside it is 2e-9 per dimension
+QUADRATURE_MAX_K = 2  # beyond 2 dimensions a grid that resolves the posterior is too large
+
+
+def quadrature_grid(
+    K: int,
+    points_per_dim: int,
+    half_width: float = HALF_WIDTH,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints z_g (G, K) of a regular grid over [-L, L]^K and log w_g = log p(z_g) h^K, normalized, so that
+    log p(x) ~= logsumexp_g (log w_g + log p(x|z_g)): the midpoint rule for the integral of p(x|z) p(z) dz.
+
+    Normalizing renormalizes the prior to the grid's box; the mass it drops is negligible at L=6."""
+    h = 2 * half_width / points_per_dim
+    axis = -half_width + h * (torch.arange(points_per_dim, dtype=torch.float64) + 0.5)
+    z = torch.cartesian_prod(*[axis] * K).reshape(-1, K)
+    log_w = standard_normal_log_prob(z) + K * math.log(h)
+    log_w = log_w - torch.logsumexp(log_w, 0)
+    dtype = dtype or torch.get_default_dtype()
+    return z.to(device, dtype), log_w.to(device, dtype)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
@@ -155,8 +191,8 @@ class LatentVariableModel(nn.Module):
 
     def sample_prior(self, *shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """z ~ N(0, I) of shape (*shape, K) on the model's device."""
-        device = self.decoder.net[0].weight.device
-        return torch.randn(*shape, self.K, device=device, generator=generator)
+        weight = self.decoder.net[0].weight  # the model's device and dtype
+        return torch.randn(*shape, self.K, device=weight.device, dtype=weight.dtype, generator=generator)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.encoder is None:

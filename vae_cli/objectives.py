@@ -1,6 +1,7 @@
 """Training objectives: a registry of small functions, each returning the loss to minimize
 (a negative bound on log p(x), nats per image) and its named terms.
 
+    exact       log p(x) = log sum_g w_g p(x|z_g) on a grid shared by the batch (K <= 2): the ceiling
     jensen      E_{z~p(z)} log p(x|z) <= log p(x); the gap is KL(p(z) || p(z|x))
     prior_iwae  log (1/S) sum_s p(x|z_s), z_s ~ p(z): the IWAE bound with the prior as proposal
     elbo        E_q log p(x|z) - KL(q(z|x) || p(z)), q Gaussian from an encoder
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from vae_cli.models import (
     LatentVariableModel,
     diagonal_normal_log_prob,
     kl_to_standard_normal,
+    quadrature_grid,
     standard_normal_log_prob,
 )
 
@@ -29,8 +32,9 @@ class Loss:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars, nats per image
 
 
-# fn(model, x, n_samples, shared_samples): shared_samples applies to the prior objectives only.
-LossFn = Callable[[LatentVariableModel, torch.Tensor, int, bool], Loss]
+# fn(model, x, n_samples, **options): the options are the keys of the objective's own config node
+# (shared_samples for the prior objectives, grid_points and half_width for exact).
+LossFn = Callable[..., Loss]
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,8 @@ class Objective:
     terms: tuple[str, ...]  # column names it logs besides the loss
     fn: LossFn
 
-    def __call__(
-        self, model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False
-    ) -> Loss:
-        return self.fn(model, x, n_samples, shared_samples)
+    def __call__(self, model: LatentVariableModel, x: torch.Tensor, n_samples: int, **options: Any) -> Loss:
+        return self.fn(model, x, n_samples, **options)
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -86,7 +88,7 @@ def prior_iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shar
 
 
 @register("elbo", uses_encoder=True, terms=("recon", "kl"))
-def elbo(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False) -> Loss:
+def elbo(model: LatentVariableModel, x: torch.Tensor, n_samples: int) -> Loss:
     """Minus the ELBO: reconstruction averaged over n_samples reparameterized draws plus the closed-form KL."""
     mu, logvar = model.encode(x)
     recon = -model.log_px_given_z(x, model.reparameterize(mu, logvar, n_samples)).mean()
@@ -95,7 +97,7 @@ def elbo(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_sam
 
 
 @register("iwae", uses_encoder=True, terms=("recon", "kl"))
-def iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_samples: bool = False) -> Loss:
+def iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int) -> Loss:
     """Minus the importance-weighted bound; recon + kl is minus the ELBO on the same draws."""
     mu, logvar = model.encode(x)
     z = model.reparameterize(mu, logvar, n_samples)
@@ -103,3 +105,22 @@ def iwae(model: LatentVariableModel, x: torch.Tensor, n_samples: int, shared_sam
     log_w = log_px_z + standard_normal_log_prob(z) - diagonal_normal_log_prob(z, mu, logvar)
     kl = kl_to_standard_normal(mu, logvar).sum(-1).mean()
     return Loss(-log_mean_exp(log_w).mean(), {"recon": -log_px_z.detach().mean(), "kl": kl.detach()})
+
+
+@register("exact", uses_encoder=False, terms=("jensen", "halving"))
+def exact(
+    model: LatentVariableModel, x: torch.Tensor, n_samples: int, grid_points: int = 96, half_width: float = 6.0
+) -> Loss:
+    """Minus log p(x) itself, K <= 2: log p(x_b) = logsumexp_g (log w_g + log p(x_b|z_g)) by the midpoint rule
+    on a grid_points^K grid over [-half_width, half_width]^K (n_samples is not used). The decoder runs once on
+    the grid and log p(x_b|z_g) for every pair is one (B, 784) x (784, G) product; the gradient is the
+    model's own log-likelihood gradient up to the grid's error. Terms: `jensen`, minus E_p(z) log p(x|z) on
+    the same grid, and `halving`, how far the grid at twice the spacing moves log p(x) (its error)."""
+    z, log_w = quadrature_grid(model.K, grid_points, half_width, x.device, x.dtype)
+    log_px_z = model.log_px_given_shared_z(x, z)  # (B, G)
+    log_px = torch.logsumexp(log_px_z + log_w, -1)
+    with torch.no_grad():
+        jensen = (log_px_z @ log_w.exp()).mean()
+        z2, log_w2 = quadrature_grid(model.K, grid_points // 2, half_width, x.device, x.dtype)
+        coarse = torch.logsumexp(model.log_px_given_shared_z(x, z2) + log_w2, -1)
+    return Loss(-log_px.mean(), {"jensen": -jensen, "halving": (log_px.detach() - coarse).mean().abs()})

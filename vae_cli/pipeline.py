@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from vae_cli import evaluation, figures, training
 from vae_cli.config import data_config, saved_config, validate
 from vae_cli.data import check_data_files, load_data
-from vae_cli.device import resolve_device
+from vae_cli.device import flush_denormals, resolve_device
 from vae_cli.errors import ConfigError, RunDirError
 from vae_cli.objectives import OBJECTIVES
 from vae_cli.rundir import (
@@ -65,13 +65,15 @@ MUTABLE_ON_RESUME = (
     "micro_batch",
     "eval",
     "cuda",
+    "cpu",
     "compile",
     "resume",
     "data.root",
     "data.download",
 )
 MUTABLE_TEXT = (
-    "n_train_iters, checkpoint_every, device, progress, micro_batch, eval.*, cuda.*, compile, data.root, data.download"
+    "n_train_iters, checkpoint_every, device, progress, micro_batch, eval.*, cuda.*, cpu.*, compile, data.root, "
+    "data.download"
 )
 
 
@@ -98,6 +100,7 @@ def train(
     cfg = start.cfg if start.resumed else cfg  # a resumed run runs with its own saved config
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    flush_denormals()  # before loading the data starts torch's threads (the console scripts did at start)
     torch.manual_seed(cfg.seed)  # the batches draw from torch's RNG; a resumed run restores it
     data = load_data(data_config(cfg), cfg.seed, device)
     log.info("data: %s, %d training images, binarization %s", data.source, len(data.train), cfg.data.binarization)

@@ -17,7 +17,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from vae_cli.config import micro_batch_size, model_spec
+from vae_cli.config import micro_batch_size, model_spec, objective_options
 from vae_cli.data import BinarizedData
 from vae_cli.device import describe_device, set_process_speed_settings
 from vae_cli.errors import Interrupted, NonFiniteError
@@ -51,18 +51,19 @@ def train_step(
     x: torch.Tensor,
     n_samples: int,
     micro_batch: int,
-    shared_samples: bool = False,
+    options: Mapping[str, Any] | None = None,
     autocast: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One optimizer step on the batch x: the loss is the batch mean, accumulated over micro-batches.
 
-    `autocast` is a dtype for the forward pass (cuda.bf16); the likelihood stays float32."""
+    `options` are the objective's own (config.objective_options); `autocast` a dtype for the forward
+    pass (cuda.bf16, cpu.bf16), where the likelihood stays float32."""
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, torch.Tensor] = {}
     for xc in x.split(micro_batch):
         weight = len(xc) / len(x)
         with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-            out = objective(model, xc, n_samples, shared_samples)
+            out = objective(model, xc, n_samples, **(options or {}))
         (out.loss * weight).backward()
         for name, value in {"loss": out.loss.detach(), **out.terms}.items():
             totals[name] = totals.get(name, 0.0) + value * weight
@@ -75,7 +76,7 @@ def apply_speed_options(
     cfg: DictConfig, model: LatentVariableModel, device: torch.device
 ) -> tuple[dict[str, bool], torch.dtype | None]:
     """Sets this run's speed options up (TF32 matmuls on CUDA, compile) and returns them as
-    summary.json records them, with the autocast dtype of train_step (cuda.bf16)."""
+    summary.json records them, with the autocast dtype of train_step (cuda.bf16, cpu.bf16)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg.cuda.tf32)
     if cfg.compile:
@@ -84,9 +85,9 @@ def apply_speed_options(
         "shared_samples": bool(cfg.objective.get("shared_samples", False)),
         "compile": bool(cfg.compile),
         "tf32": bool(cfg.cuda.tf32),
-        "bf16": bool(cfg.cuda.bf16),
+        "bf16": bool(cfg.cuda.bf16 or cfg.cpu.bf16),  # validate() allows each on its own device only
     }
-    return options, torch.bfloat16 if cfg.cuda.bf16 else None
+    return options, torch.bfloat16 if options["bf16"] else None
 
 
 def run_label(cfg: DictConfig) -> str:
@@ -120,7 +121,7 @@ def fit(
     first_step = _begin(checkpoints, state, losses, resumed)  # restores every RNG state last
     log_file = LossLog(run_dir / LOSSES, ["step", "loss", *objective.terms])
     micro_batch = micro_batch_size(cfg, device)
-    shared = bool(cfg.objective.get("shared_samples", False))
+    options = objective_options(cfg)
     facts = {"micro_batch": micro_batch, "device": describe_device(device), "data": data.source}
 
     def stopped(status: str, step: int, extra: dict[str, Any]) -> dict[str, Any]:  # a run that stops early
@@ -144,7 +145,7 @@ def fit(
                     x = data.batch(cfg.batch_size)
                     row = {
                         "step": step,
-                        **train_step(model, optimizer, objective, x, cfg.n_samples, micro_batch, shared, autocast),
+                        **train_step(model, optimizer, objective, x, cfg.n_samples, micro_batch, options, autocast),
                     }
                 except NonFiniteError as exc:
                     raise failure(exc, step, checkpoints, stopped) from None
