@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -422,7 +423,8 @@ def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.de
 def machine_facts() -> dict[str, Any]:
     """What the speed depends on besides the code: torch's BLAS, the CPU's vector instructions, threads."""
     config = torch.__config__.show()
-    blas = next((line.split("=", 1)[1].strip() for line in config.splitlines() if "BLAS_INFO=" in line), "unknown")
+    found = re.search(r"BLAS_INFO=([^,\s]+)", config)  # inside one long line of build settings
+    blas = found.group(1) if found else "unknown"
     flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:

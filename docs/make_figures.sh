@@ -1,10 +1,12 @@
 #!/bin/sh
-# Remake the README's figures and tables with vae-plot, from the three full default runs and
+# Remake the README's figures and tables with vae-plot, from the five full default runs and
 # (when SWEEP names its multirun directory) the small n_samples sweep:
 #
 #   vae-train objective=jensen     hydra.run.dir=runs/full-jensen       # K=2, 128 samples,
 #   vae-train objective=prior_iwae hydra.run.dir=runs/full-prior_iwae   # batch 256, 1000 steps
 #   vae-train objective=elbo       hydra.run.dir=runs/full-elbo
+#   vae-train objective=iwae       hydra.run.dir=runs/full-iwae
+#   vae-train objective=exact      hydra.run.dir=runs/full-exact
 #   vae-train -m +sweep=n_samples n_samples=1,8,32 n_train_iters=100 hydra.sweep.dir=runs/sweep-n_samples
 #   SWEEP=runs/sweep-n_samples sh docs/make_figures.sh runs
 #
@@ -16,9 +18,10 @@ docs=$(cd "$(dirname "$0")" && pwd)
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-vae-plot "$runs/full-jensen" "$runs/full-prior_iwae" "$runs/full-elbo" --out "$scratch/full"
+vae-plot "$runs/full-jensen" "$runs/full-prior_iwae" "$runs/full-elbo" "$runs/full-iwae" "$runs/full-exact" \
+  --out "$scratch/full"
 mkdir -p "$docs/full"
-for objective in jensen prior_iwae elbo; do
+for objective in jensen prior_iwae elbo iwae exact; do
   for figure in samples means posterior; do
     cp "$scratch/full/full-$objective/$figure.png" "$docs/full/$objective-$figure.png"
   done

@@ -160,15 +160,12 @@ def fit(
     train_seconds = time.perf_counter() - start
     if checkpoints.step != cfg.n_train_iters:
         checkpoints.save(cfg.n_train_iters)
-    facts = {
-        "micro_batch": micro_batch,
-        "speed_options": speed,
-        "process_settings": process_settings,
-        "train_seconds": train_seconds,
-        "it_per_s": (cfg.n_train_iters - first_step) / train_seconds,
-        "device": describe_device(device),
-        "data": data.source,
-    }
+    facts.update(
+        speed_options=speed,
+        process_settings=process_settings,
+        train_seconds=train_seconds,
+        it_per_s=(cfg.n_train_iters - first_step) / train_seconds,
+    )
     summary = write_summary(run_dir, cfg, "trained", cfg.n_train_iters, facts)
     log.info(
         "%s: final loss %.2f +- %.2f nats (mean of last %d steps), %.2f it/s on %s; wrote %s",
