@@ -170,6 +170,12 @@ def test_bash_completion_installs_and_completes_choices_and_keys(tmp_path):
         script.returncode == 0 and "complete -o nospace -o default -F hydra_bash_completion vae-train" in script.stdout
     )
     query = run_cli(["vae-train", "-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": "vae-train objective="})
-    assert query.stdout.split() == ["objective=elbo", "objective=iwae", "objective=jensen", "objective=prior_iwae"]
+    assert query.stdout.split() == [
+        "objective=elbo",
+        "objective=exact",
+        "objective=iwae",
+        "objective=jensen",
+        "objective=prior_iwae",
+    ]
     keys = run_cli(["vae-train", "-sc", "query=bash"], cwd=tmp_path, env={"COMP_LINE": "vae-train eval.imp"})
     assert "eval.importance_n_images=" in keys.stdout.split()

