@@ -387,11 +387,6 @@ def run_status(run_dir: Path) -> str:
     return status
 
 
-def remaining_stages(run_dir: Path, evaluate: bool) -> tuple[str, ...]:
-    """The stages of `vae-train` a run still needs, by its status (evaluation only where enabled)."""
-    return tuple(s for s in STATUSES[run_status(run_dir)] if evaluate or s != "evaluate")
-
-
 def write_summary(
     run_dir: Path, cfg: DictConfig, status: str, step: int, facts: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
