@@ -333,3 +333,12 @@ def test_installed_script_refuses_a_garbage_checkpoint(base_run, tmp_path):
         result.stderr.count("\n") == 1 and result.stderr.startswith("vae-cli: error: ") and CHECKPOINT in result.stderr
     )
     assert snapshot(run_dir) == before
+
+
+def test_a_blank_row_inside_losses_csv_is_malformed_at_its_own_line(tmp_path):
+    path = tmp_path / LOSSES
+    path.write_text("step,loss\n1,2.0\n\n3,4.0\n")
+    with pytest.raises(RunDirError, match=r"line 3 is malformed"):
+        read_losses(path)
+    path.write_text("step,loss\n1,2.0\n2,3.0\n")  # the final newline is no row
+    assert read_losses(path)["step"] == [1, 2]

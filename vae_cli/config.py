@@ -343,13 +343,8 @@ def validate_eval(cfg: DictConfig) -> None:
     for key in ("n_images", "importance_k"):
         if _select(cfg, f"eval.{key}") is not None:
             _positive_int(cfg, f"eval.{key}")
-    subset = cfg.eval.importance_n_images
-    _require(
-        subset is None or isinstance(subset, int) and not isinstance(subset, bool) and subset >= 0,
-        "eval.importance_n_images",
-        subset,
-        "an integer >= 0 (0 = all) or null (1000 on the CPU, all on CUDA)",
-    )
+    if cfg.eval.importance_n_images is not None:
+        _int_at_least(cfg, "eval.importance_n_images", 0, " (0 = all) or null (1000 on the CPU, all on CUDA)")
     _positive_number(cfg, "eval.quadrature_half_width")
     _require(
         isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31,

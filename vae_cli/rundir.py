@@ -220,7 +220,7 @@ def read_losses(path: Path) -> dict[str, list[float]]:
         raise RunDirError(f"{path} is not a losses.csv (expected a header starting with 'step,loss')")
     columns = lines[0].split(",")
     table: dict[str, list[float]] = {c: [] for c in columns}
-    rows = [line for line in lines[1:] if line]
+    rows = lines[1:-1] if lines[-1] == "" else lines[1:]  # '' after the last newline is no row
     for i, line in enumerate(rows):
         values = _loss_row(line, len(columns))
         if values is None:
