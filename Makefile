@@ -13,7 +13,7 @@ BENCH_ARGS ?=
 # The machines the lock is resolved for: CPython 3.11 on Linux x86-64 (glibc 2.28 or newer).
 # PyPI's torch for Linux x86-64 is its CUDA build, so the same lock serves a CUDA machine.
 LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
-COMPILE := pip compile pyproject.toml --extra launchers --extra test --generate-hashes $(LOCK_FOR) \
+COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
 .PHONY: setup lock lock-check train demo test lint bench clean

@@ -10,6 +10,7 @@ config into the plain values the layers below take.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from vae_cli.objectives import OBJECTIVES
 ACTIVATIONS = ("elu", "relu", "tanh", "gelu", "silu")
 BINARIZATIONS = ("static", "dynamic")
 DATASETS = ("mnist", "fashion_mnist", "synthetic")
+LOGGERS = ("csv", "tensorboard")  # vae_cli.tracking: csv is losses.csv alone; tensorboard adds event files
 
 
 @dataclass
@@ -143,6 +145,7 @@ class Config:
     cuda: CudaConfig = field(default_factory=CudaConfig)
     cpu: CpuConfig = field(default_factory=CpuConfig)
     compile: bool = False  # torch.compile the decoder and likelihood (CPU or CUDA); compiles during the first steps
+    logger: str = "csv"  # csv: losses.csv; tensorboard: also TensorBoard event files in the run directory
 
 
 def register_configs() -> None:
@@ -280,6 +283,9 @@ def _validate_values(cfg: DictConfig) -> None:
     _one_of(cfg, "model.activation", ACTIVATIONS)
     _one_of(cfg, "data.name", DATASETS)
     _one_of(cfg, "data.binarization", BINARIZATIONS)
+    _one_of(cfg, "logger", LOGGERS)
+    if missing_logger_package(cfg):
+        raise ConfigError(missing_logger_package(cfg))
     if cfg.data.name == "synthetic":
         _positive_int(cfg, "data.n_train")
         _positive_int(cfg, "data.n_test")
@@ -298,6 +304,16 @@ def _validate_values(cfg: DictConfig) -> None:
     validate_eval(cfg)
     validate_speed(cfg)
     check_memory(cfg, resolve_device(cfg.device, quiet=True))
+
+
+def missing_logger_package(cfg: DictConfig) -> str | None:
+    """One line saying that cfg.logger's optional package is not installed; None when it is."""
+    if cfg.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        return (
+            "invalid value logger=tensorboard: the tensorboard package is not installed "
+            "(pip install 'vae-cli[tensorboard]'; make setup installs it); allowed csv"
+        )
+    return None
 
 
 def validate_speed(cfg: DictConfig) -> None:

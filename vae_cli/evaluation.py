@@ -23,7 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import vae_cli
-from vae_cli.config import EvalConfig, check_memory, data_config, eval_memory_parts, importance_sizes, validate_eval
+from vae_cli.config import (
+    EvalConfig,
+    check_memory,
+    data_config,
+    eval_memory_parts,
+    importance_sizes,
+    missing_logger_package,
+    validate_eval,
+)
 from vae_cli.data import load_data, load_data_here
 from vae_cli.device import resolve_device
 from vae_cli.errors import ConfigError, RunDirError
@@ -36,7 +44,8 @@ from vae_cli.estimators import (
     weighted_sums,
 )
 from vae_cli.models import LatentVariableModel
-from vae_cli.rundir import load_run_model, mean_and_stderr, record_evaluation
+from vae_cli.rundir import load_run_model, mean_and_stderr, read_summary, record_evaluation
+from vae_cli.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -272,12 +281,21 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a directory")
-    cfg, model, _ = load_run_model(run_dir)
+    cfg, model, state = load_run_model(run_dir)
     cfg.eval = eval_config(cfg.get("eval"), overrides)
+    if missing_logger_package(cfg):  # the numbers matter more than the run's event files
+        log.warning("%s; eval.json is written, the run's event files are not", missing_logger_package(cfg))
+        cfg.logger = "csv"
     torch_device = resolve_device(device)
     check_memory(cfg, torch_device, eval_memory_parts(cfg, torch_device))
     load = load_data if data_root is not None else load_data_here  # a root the user names is not second-guessed
     data = load(data_config(cfg, data_root), cfg.seed, torch_device)
-    return evaluate_and_record(
+    result = evaluate_and_record(
         model.to(torch_device), data.test, cfg.eval, run_dir, objective=cfg.objective.name, data=data.source
     )
+    summary = read_summary(run_dir)
+    if summary is not None:  # a vae-train run: its own logger gets the new numbers too
+        with open_tracker(cfg, run_dir) as tracker:
+            tracker.evaluation(result, state["step"])
+            tracker.finish(summary)
+    return result

@@ -253,3 +253,20 @@ def build_model(spec: ModelSpec, pixel_means: torch.Tensor | None = None) -> Lat
     if spec.encoder_hidden is not None:
         encoder = Encoder(spec.K, spec.encoder_hidden, spec.encoder_depth or spec.depth, spec.activation)
     return LatentVariableModel(spec.K, decoder, encoder)
+
+
+# The figures and TensorBoard's grids draw with their own generator: redrawing a run (or a
+# checkpoint) gives the same images, and training's RNG stream is never touched.
+PRIOR_DRAWS_SEED = 2024
+
+
+@torch.no_grad()
+def prior_draws(model: LatentVariableModel, n: int, seed: int = PRIOR_DRAWS_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder means sigmoid(decoder(z)) and binary samples x ~ p(x|z) for n fixed prior draws z ~ p(z),
+    both (n, 784) on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, model.K, generator=g)
+    device = next(model.parameters()).device
+    means = torch.sigmoid(model.decode(z.to(device)).float()).cpu()
+    samples = torch.bernoulli(means, generator=g)
+    return means, samples

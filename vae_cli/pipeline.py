@@ -49,6 +49,7 @@ from vae_cli.rundir import (
     run_status,
     set_status,
 )
+from vae_cli.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ MUTABLE_ON_RESUME = (
     "cuda",
     "cpu",
     "compile",
+    "logger",
     "resume",
     "data.root",
     "data.download",
 )
 MUTABLE_TEXT = (
-    "n_train_iters, checkpoint_every, device, progress, micro_batch, eval.*, cuda.*, cpu.*, compile, data.root, "
-    "data.download"
+    "n_train_iters, checkpoint_every, device, progress, micro_batch, eval.*, cuda.*, cpu.*, compile, logger, "
+    "data.root, data.download"
 )
 
 
@@ -105,18 +107,32 @@ def train(
     data = load_data(data_config(cfg), cfg.seed, device)
     log.info("data: %s, %d training images, binarization %s", data.source, len(data.train), cfg.data.binarization)
 
-    if "train" in start.stages:
-        training.fit(cfg, run_dir, data, device, start.state, start.losses, start.resumed)
-    if "figures" in start.stages:
-        figures.draw_run_dir(run_dir, cfg, (data.test, data.test_labels))
-        set_status(run_dir, "drawn")
-    if "evaluate" in start.stages and cfg.eval.enabled:
-        _, model, _ = load_run_model(run_dir)  # the run's own files are the stages' only meeting point
-        result = evaluation.evaluate_and_record(
-            model.to(device), data.test, cfg.eval, run_dir, objective=cfg.objective.name, data=data.source
-        )
-        log.info("log p(x) = %.3f +- %.3f nats (%s)", result["log_px"], result["log_px_stderr"], result["estimator"])
-    return set_status(run_dir, "completed")
+    with open_tracker(cfg, run_dir, purge_step(start)) as tracker:
+        if "train" in start.stages:
+            training.fit(cfg, run_dir, data, device, start.state, start.losses, start.resumed, tracker)
+        if "figures" in start.stages:
+            figures.draw_run_dir(run_dir, cfg, (data.test, data.test_labels))
+            set_status(run_dir, "drawn")
+        if "evaluate" in start.stages and cfg.eval.enabled:
+            _, model, state = load_run_model(run_dir)  # the run's own files are the stages' only meeting point
+            result = evaluation.evaluate_and_record(
+                model.to(device), data.test, cfg.eval, run_dir, objective=cfg.objective.name, data=data.source
+            )
+            tracker.evaluation(result, state["step"])
+            log.info(
+                "log p(x) = %.3f +- %.3f nats (%s)", result["log_px"], result["log_px_stderr"], result["estimator"]
+            )
+        summary = set_status(run_dir, "completed")
+        tracker.finish(summary)
+    return summary
+
+
+def purge_step(start: StartPoint) -> int | None:
+    """Where a resumed run's logger stream drops the stopped run's later steps: the step after the
+    checkpoint training continues from (0 where it starts again from nothing); None if it does not train."""
+    if not (start.resumed and "train" in start.stages):
+        return None
+    return start.state["step"] + 1 if start.state is not None else 0
 
 
 # --- where a run starts ---------------------------------------------------------------------------

@@ -19,11 +19,15 @@ import torch  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from vae_cli.models import LatentVariableModel, bernoulli_log_likelihood, standard_normal_log_prob  # noqa: E402
+from vae_cli.models import (  # noqa: E402
+    LatentVariableModel,
+    bernoulli_log_likelihood,
+    prior_draws,
+    standard_normal_log_prob,
+)
 from vae_cli.rundir import atomic_write_bytes  # noqa: E402
 
 GRID = 8
-GRID_SEED = 2024  # the grids use their own generator: redrawing a run gives the same images
 TILE = 28
 PAD = 1
 DPI = 100
@@ -85,22 +89,9 @@ def save_grid(images: torch.Tensor | np.ndarray, path: Path, title: str, nrow: i
     save_figure(fig, path, tight=False)
 
 
-@torch.no_grad()
-def prior_draws(
-    model: LatentVariableModel, n: int = GRID * GRID, seed: int = GRID_SEED
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder means sigmoid(decoder(z)) and binary samples x ~ p(x|z) for n fixed prior draws z ~ p(z)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, model.K, generator=g)
-    device = next(model.parameters()).device
-    means = torch.sigmoid(model.decode(z.to(device))).cpu()
-    samples = torch.bernoulli(means, generator=g)
-    return means, samples
-
-
 def save_sample_grids(model: LatentVariableModel, samples_path: Path, means_path: Path, label: str) -> None:
     """Binary samples and the decoder means of the same prior draws, the means labelled as means."""
-    means, samples = prior_draws(model)
+    means, samples = prior_draws(model, GRID * GRID)
     save_grid(samples, samples_path, f"samples x ~ p(x|z), z ~ p(z)\n{label}")
     save_grid(means, means_path, f"MEANS sigmoid(decoder(z)) (not samples), same z\n{label}")
 

@@ -358,9 +358,12 @@ class Checkpointer:
         )
         self.step = step
 
-    def maybe_save(self, step: int) -> None:
+    def maybe_save(self, step: int) -> bool:
+        """Save at every checkpoint_every-th step; whether it saved."""
         if step % self.cfg.checkpoint_every == 0:
             self.save(step)
+            return True
+        return False
 
     def restore(self, state: dict[str, Any]) -> int:
         """Load a checked checkpoint into this model and optimizer, RNG states last; its step."""
@@ -419,6 +422,12 @@ def write_summary(
     return summary
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json's dict; None where the run has none."""
+    path = Path(run_dir) / SUMMARY
+    return read_json(path) if path.exists() else None
+
+
 def set_status(run_dir: Path, status: str) -> dict[str, Any]:
     """summary.json with its status replaced; returns it."""
     summary = {**read_json(Path(run_dir) / SUMMARY), "status": status}
@@ -435,7 +444,7 @@ def record_evaluation(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
     """eval.json, and its headline numbers merged into summary.json (where there is one). The
     summary is read first: a corrupt one is refused before anything is written."""
     run_dir = Path(run_dir)
-    summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).exists() else None
+    summary = read_summary(run_dir)
     write_json(run_dir / EVAL, result)
     if summary is None:
         return {}

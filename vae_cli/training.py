@@ -40,6 +40,7 @@ from vae_cli.rundir import (
     remove_temp_files,
     write_summary,
 )
+from vae_cli.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,11 @@ def fit(
     state: dict[str, Any] | None = None,
     losses: bytes | None = None,
     resumed: bool = False,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train the model cfg describes on `data`, from step 0 or from the checked checkpoint `state`
     (with losses.csv cut back to its step: `losses`); returns summary.json's dict (status trained).
+    `tracker` (vae_cli.tracking) is given every step and every checkpoint.
 
     Expects torch's RNG seeded with cfg.seed before `data` was loaded (the batches draw from it)."""
     run_dir = Path(run_dir)
@@ -119,6 +122,9 @@ def fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     checkpoints = Checkpointer(run_dir, model, optimizer, cfg, device)
     first_step = _begin(checkpoints, state, losses, resumed)  # restores every RNG state last
+    tracker = tracker or Tracker(cfg, run_dir)
+    if first_step == 0:
+        tracker.checkpoint(0, model)  # prior_draws has its own generator: training's RNG stream is untouched
     log_file = LossLog(run_dir / LOSSES, ["step", "loss", *objective.terms])
     micro_batch = micro_batch_size(cfg, device)
     options = objective_options(cfg)
@@ -127,7 +133,7 @@ def fit(
     def stopped(status: str, step: int, extra: dict[str, Any]) -> dict[str, Any]:  # a run that stops early
         return write_summary(run_dir, cfg, status, step, facts, extra)
 
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     bar = tqdm(
         range(first_step + 1, cfg.n_train_iters + 1),
         initial=first_step,
@@ -150,7 +156,11 @@ def fit(
                 except NonFiniteError as exc:
                     raise failure(exc, step, checkpoints, stopped) from None
                 log_file.append(row)
-                checkpoints.maybe_save(step)
+                now = time.perf_counter()
+                tracker.step(row, 1.0 / (now - last))
+                last = now
+                if checkpoints.maybe_save(step):
+                    tracker.checkpoint(step, model)
                 bar.set_postfix(loss=f"{row['loss']:.2f}", refresh=False)
                 if step % max(1, cfg.n_train_iters // 10) == 0 or step == cfg.n_train_iters:
                     log.info("step %d/%d loss %.3f", step, cfg.n_train_iters, row["loss"])
@@ -160,6 +170,7 @@ def fit(
     train_seconds = time.perf_counter() - start
     if checkpoints.step != cfg.n_train_iters:
         checkpoints.save(cfg.n_train_iters)
+        tracker.checkpoint(cfg.n_train_iters, model)
     facts.update(
         speed_options=speed,
         process_settings=process_settings,
