@@ -16,7 +16,7 @@ LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
-.PHONY: setup lock lock-check train demo test lint bench clean
+.PHONY: setup lock lock-check train demo test lint bench slurm-packages slurm-start slurm-stop clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,27 @@ lint: setup
 # BENCH_ARGS=--quick for a short run; see benchmarks/bench.py --help.
 bench: setup
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+# A one-node SLURM cluster for trying hydra/launcher=submitit_slurm here (README, Sweeps); the tests
+# marked slurm start their own. Debian's packages, installed where the user is root.
+SLURM_PACKAGES := slurmctld slurmd slurm-client slurmdbd mariadb-server
+SLURM_DIR ?= /tmp/vae-cli-slurm
+slurm-packages:
+	@missing=$$(for c in slurmctld slurmd sbatch slurmdbd mariadbd; do command -v $$c >/dev/null || echo $$c; done); \
+	if [ -z "$$missing" ]; then \
+		echo "slurm-packages: installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SLURM_PACKAGES) >/dev/null; \
+	else \
+		echo "slurm-packages: needs root and apt-get; run: sudo apt-get install $(SLURM_PACKAGES)"; exit 1; \
+	fi
+
+slurm-start: slurm-packages
+	bash scripts/slurm_cluster.sh start $(SLURM_DIR)
+	@echo "then: . $(SLURM_DIR)/env.sh && vae-train -m ... hydra/launcher=submitit_slurm"
+
+slurm-stop:
+	bash scripts/slurm_cluster.sh stop $(SLURM_DIR)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -4,7 +4,9 @@ the console scripts run in a subprocess or in-process."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -13,12 +15,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 import vae_cli.pipeline
 from vae_cli.cli import train_main
 from vae_cli.config import register_configs
+from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, load_checkpoint
 
 register_configs()
 
@@ -102,3 +106,36 @@ def vae_train(args: list[str], env: dict[str, str] | None = None) -> tuple[int |
             os.chdir(cwd)
             created = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*"))
     return code, err.getvalue(), created
+
+
+RUN_FILES = ("losses.csv", "summary.json", "checkpoint.pt", "loss.png", "samples.png", "means.png", "train.log")
+
+
+def read_table(path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def check_jobs(sweep, n_jobs: int) -> list[dict[str, str]]:
+    for i in range(n_jobs):
+        for name in RUN_FILES:
+            assert (sweep / str(i) / name).stat().st_size > 0, f"job {i}: {name}"
+    table = read_table(sweep / "comparison.csv")
+    assert [row["run"] for row in table] == [str(i) for i in range(n_jobs)]
+    assert all(row["status"] == "completed" and float(row["final_loss"]) > 0 for row in table)
+    return table
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Final parameters and optimizer state equal (torch.equal), losses.csv equal byte for byte."""
+    got, want = load_checkpoint(run_dir / CHECKPOINT), load_checkpoint(reference / CHECKPOINT)
+    assert got["step"] == want["step"]
+    assert got["model"].keys() == want["model"].keys()
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    for i, state in want["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(got["optimizer"]["state"][i][key], value), (i, key)
+    assert torch.equal(got["rng"]["torch"], want["rng"]["torch"])
+    assert (run_dir / LOSSES).read_bytes() == (reference / LOSSES).read_bytes()
+    assert json.loads((run_dir / SUMMARY).read_text())["status"] == "completed"

@@ -12,7 +12,7 @@ from helpers import TINY, compose_config, run_cli, vae_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vae_cli.cli import eval_main, plot_main
+from vae_cli.cli import cluster_job_error, eval_main, plot_main
 from vae_cli.pipeline import train
 from vae_cli.rundir import EVAL, SUMMARY
 
@@ -155,3 +155,39 @@ def test_hypothesis_vae_plot_path_without_runs_is_one_line(path, tmp_path_factor
     monkeypatch.chdir(tmp_path_factory.mktemp("plot"))
     code, err = call(plot_main, ["--out=figures", "--", path], capsys)
     assert code == 2 and len(plot_refused(err)) == 2, err
+
+
+# What submitit raised in the sweep's process for a cancelled job and for a failing one on the
+# test cluster (tests/test_slurm.py runs them for real; these check the line without SLURM).
+CANCELLED = """Job 9 (task: 0) with path /s/sweep/.submitit/9/9_0_result.pkl
+has not produced any output (state: CANCELLED by 0)
+Error stream produced:
+----------------------------------------
+vae_cli.errors.Abort: interrupted at step 128 (SIGTERM); resume with: vae-train resume=/s/sweep/0
+slurmstepd-vm: error: *** STEP 9.0 ON vm CANCELLED AT 2026-11-22T06:40:14 ***"""
+FAILED = """Job (task=0) failed during processing with trace:
+----------------------
+Traceback (most recent call last):
+  File "/x/submitit/core/submission.py", line 55, in process_job
+ValueError: a bug
+----------------------
+You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'or at paths:
+  - /s/sweep/.submitit/7_1/7_1_0_log.err
+  - /s/sweep/.submitit/7_1/7_1_0_log.out"""
+
+
+@pytest.mark.parametrize(
+    "message, line",
+    [
+        (
+            CANCELLED,
+            "cluster job 9 was cancelled (state CANCELLED by 0): interrupted at step 128 (SIGTERM); resume with: "
+            "vae-train resume=/s/sweep/0; its log: /s/sweep/.submitit/9/9_0_log.err",
+        ),
+        (FAILED, "cluster job 7_1 failed: ValueError: a bug; its log: /s/sweep/.submitit/7_1/7_1_0_log.err"),
+    ],
+)
+def test_a_dead_cluster_job_is_one_line_naming_it(message, line):
+    error = cluster_job_error(RuntimeError(message))
+    assert error.exit_code == 4
+    assert str(error) == line + " (other jobs of the sweep, if any, keep running: squeue)"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, TINY, compose_config
+from helpers import BIN, TINY, assert_same_run, compose_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -74,21 +74,6 @@ def default_signals():
 def no_figures(monkeypatch):
     """The figures are not part of the state compared here; drawing them costs seconds."""
     monkeypatch.setattr(vae_cli.figures, "draw_run_dir", lambda *a, **k: None)
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """Final parameters and optimizer state equal (torch.equal), losses.csv equal byte for byte."""
-    got, want = load_checkpoint(run_dir / CHECKPOINT), load_checkpoint(reference / CHECKPOINT)
-    assert got["step"] == want["step"]
-    assert got["model"].keys() == want["model"].keys()
-    for name, tensor in want["model"].items():
-        assert torch.equal(got["model"][name], tensor), name
-    for i, state in want["optimizer"]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(got["optimizer"]["state"][i][key], value), (i, key)
-    assert torch.equal(got["rng"]["torch"], want["rng"]["torch"])
-    assert (run_dir / LOSSES).read_bytes() == (reference / LOSSES).read_bytes()
-    assert json.loads((run_dir / SUMMARY).read_text())["status"] == "completed"
 
 
 @functools.cache

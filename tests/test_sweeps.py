@@ -4,10 +4,8 @@ it; the submitit_local launcher runs real submitit jobs."""
 
 from __future__ import annotations
 
-import csv
-
 import pytest
-from helpers import TINY, compose_config, run_cli
+from helpers import TINY, check_jobs, compose_config, read_table, run_cli
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
@@ -17,7 +15,6 @@ from vae_cli.config import validate
 from vae_cli.plotting import MANIFOLD_GRID, grid_pixels
 
 TINY_NO_SAMPLES = [o for o in TINY if not o.startswith("n_samples=")]
-RUN_FILES = ("losses.csv", "summary.json", "checkpoint.pt", "loss.png", "samples.png", "means.png", "train.log")
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread each is faster than fighting over the cores
 
 
@@ -42,21 +39,6 @@ def test_presets_expand_to_jobs_that_validate(preset, n_jobs):
 def test_the_command_line_replaces_a_presets_values():
     jobs = job_overrides(["+sweep=n_samples", "n_samples=4"])  # as `vae-train -m +sweep=n_samples n_samples=4`
     assert sorted(j for job in jobs for j in job if j.startswith("n_samples")) == ["n_samples=4"] * 2
-
-
-def read_table(path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def check_jobs(sweep, n_jobs: int) -> list[dict[str, str]]:
-    for i in range(n_jobs):
-        for name in RUN_FILES:
-            assert (sweep / str(i) / name).stat().st_size > 0, f"job {i}: {name}"
-    table = read_table(sweep / "comparison.csv")
-    assert [row["run"] for row in table] == [str(i) for i in range(n_jobs)]
-    assert all(row["status"] == "completed" and float(row["final_loss"]) > 0 for row in table)
-    return table
 
 
 def image_size(path) -> tuple[int, int]:

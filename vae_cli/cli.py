@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,10 +29,17 @@ from omegaconf.errors import OmegaConfBaseException
 from vae_cli import callbacks, pipeline
 from vae_cli.config import register_configs
 from vae_cli.device import flush_denormals
-from vae_cli.errors import Abort, UserError
+from vae_cli.errors import Abort, JobFailed, UserError
 from vae_cli.evaluation import eval_config, evaluate_run, format_table
 from vae_cli.figures import plot
 from vae_cli.rundir import EVAL
+
+try:  # vae-cli[launchers]: a sweep on a cluster (hydra/launcher=submitit_*) reports a dead job with it
+    from submitit.core.utils import UncompletedJobError  # FailedJobError is one too
+
+    CLUSTER_JOB_ERRORS: tuple[type[Exception], ...] = (UncompletedJobError,)
+except ImportError:  # without submitit no job runs on a cluster
+    CLUSTER_JOB_ERRORS = ()
 
 register_configs()
 
@@ -49,6 +57,35 @@ def one_line(exc: BaseException) -> str:
     lines = [line for line in lines if not line.startswith(("object_type=", "full_key:", "reference_type="))]
     text = " ".join(lines)
     return text.split(" Config search path:")[0]
+
+
+# What submitit says of a job that ended without a result: "Job 7_1 (task: 0) with path
+# .../.submitit/7_1/7_1_0_result.pkl has not produced any output (state: FAILED)", then the job's
+# stderr, whose last "module.Error: message" line is why; or, for a job whose function raised,
+# "Job (task=0) failed during processing with trace: ..." and the paths of its logs.
+JOB_ID = re.compile(r"Job (\S+) \(task")
+JOB_STATE = re.compile(r"\(state: ([^)]*)\)")
+JOB_FILE = re.compile(r"(\S+/\.submitit/(\S+?)/\S+?)_(?:result\.pkl|log\.err|log\.out)")
+ERROR_LINE = re.compile(r"^([\w.]*?)(\w+): (.+)$")  # vae_cli.errors.Abort: non-finite loss ...
+SLURM_LINE = ("srun:", "slurmstepd:", "submitit ")
+
+
+def cluster_job_error(exc: BaseException) -> JobFailed:
+    """One line for a sweep job that died on the cluster: its id, its state, why, and its log."""
+    text = str(exc)
+    path, job_id, state = JOB_FILE.search(text), JOB_ID.search(text), JOB_STATE.search(text)
+    name = job_id.group(1) if job_id else path.group(2) if path else "?"
+    lines = [line.strip() for line in text.splitlines()]
+    matches = [m for line in lines if not line.startswith(SLURM_LINE) and (m := ERROR_LINE.match(line))]
+    # our own errors say what happened; anyone else's keep their type (ValueError: ...)
+    reasons = [m.group(3) if m.group(1).startswith("vae_cli.") else f"{m.group(2)}: {m.group(3)}" for m in matches]
+    what = "was cancelled" if state and state.group(1).startswith("CANCELLED") else "failed"
+    message = f"cluster job {name} {what}" + (f" (state {state.group(1)})" if state else "")
+    if reasons:
+        message += f": {reasons[-1]}"
+    if path:
+        message += f"; its log: {path.group(1)}_log.err"
+    return JobFailed(message + " (other jobs of the sweep, if any, keep running: squeue)")
 
 
 def _exit(prog: str, prefix: str, message: str, code: int) -> NoReturn:
@@ -82,6 +119,11 @@ def user_errors(prog: str = "vae-cli") -> Iterator[None]:
         if full:
             raise
         _exit(prog, "error: ", one_line(exc), 2)
+    except CLUSTER_JOB_ERRORS as exc:  # before RuntimeError, which it is
+        if full:
+            raise
+        error = cluster_job_error(exc)
+        _exit(prog, error.prefix, str(error), error.exit_code)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:  # a size that passed the estimate
         if (
             full

@@ -1,5 +1,6 @@
 """Errors a user can fix. The console scripts print each as one line and exit with its exit_code:
-2 for bad input, 3 for a non-finite loss, 128 + the signal for an interrupted run."""
+2 for bad input, 3 for a non-finite loss, 4 for a sweep's cluster job that failed or was
+cancelled, 128 + the signal for an interrupted run."""
 
 
 class UserError(Exception):
@@ -29,6 +30,12 @@ class NonFiniteError(UserError):
     """A NaN or Inf loss, term or gradient: the run stops and keeps its last good checkpoint."""
 
     exit_code = 3
+
+
+class JobFailed(UserError):
+    """A sweep's job on a cluster (hydra/launcher=submitit_*) failed, was cancelled or was killed."""
+
+    exit_code = 4
 
 
 class Interrupted(UserError):
