@@ -298,13 +298,39 @@ def eval_main(argv: list[str] | None = None) -> None:
         "--quadrature-points", type=int, help="grid points in all, for K <= 2 (default: 147456 = 384^2)"
     )
     parser.add_argument("--prior-mc-samples", type=int, help="prior draws shared by every image (default: 10000)")
+    parser.add_argument(
+        "--ais",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="annealed importance sampling at every K (log_px where K > 2; next to the quadrature where K <= 2)",
+    )
+    parser.add_argument("--ais-steps", type=int, help="AIS intermediate distributions (default: 500)")
+    parser.add_argument("--ais-chains", type=int, help="AIS chains per image (default: 8)")
+    parser.add_argument("--ais-n-images", type=int, help="AIS images (default: 50 on the CPU, all on CUDA; 0 = all)")
+    parser.add_argument(
+        "--bdmc-n-images",
+        type=int,
+        help="images simulated from the model for BDMC (default: 10 on the CPU, 100 on CUDA)",
+    )
     parser.add_argument("--batch-size", type=int, help="images per pass (default: 1000); results do not depend on it")
     parser.add_argument("--data-root", help="read the test set from here instead of the run's data.root")
     args = parser.parse_args(argv)
-    keys = ("n_images", "importance_k", "importance_n_images", "quadrature_points", "prior_mc_samples", "batch_size")
+    keys = (
+        "n_images",
+        "importance_k",
+        "importance_n_images",
+        "quadrature_points",
+        "prior_mc_samples",
+        "batch_size",
+        "ais",
+        "ais_steps",
+        "ais_chains",
+        "ais_n_images",
+        "bdmc_n_images",
+    )
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.full:  # every image for every estimator, whatever the run's own eval.* said
-        overrides.update(n_images=None, importance_n_images=0)
+        overrides.update(n_images=None, importance_n_images=0, ais_n_images=0)
     with user_errors("vae-eval"):
         eval_config(None, overrides)  # a bad option fails once, before any run is loaded
     failed = 0

@@ -105,6 +105,16 @@ class EvalConfig:
     importance_n_images: int | None = None
     iwae_k: int = 128  # k of the IWAE-k bound, from the same draws (capped at importance_k)
     prior_mc_samples: int = 10000  # prior draws shared by every image
+    # Annealed importance sampling (vae_cli.ais), the estimator of log_px where K > 2, certified by
+    # BDMC on images simulated from the model. null: where K > 2 (vae-eval also where K <= 2, next to
+    # the exact quadrature: its --no-ais leaves it out); true: at every K; false: never.
+    ais: bool | None = None
+    ais_steps: int = 500  # intermediate distributions, on the sigmoid schedule
+    ais_chains: int = 8  # chains per image
+    ais_leapfrog: int = 5  # leapfrog steps per HMC transition
+    ais_step_size: float = 0.1  # the initial HMC step size, adapted per chain to 0.65 acceptance
+    ais_n_images: int | None = None  # the first N of those evaluated; null = 50 on the CPU, all on CUDA; 0 = all
+    bdmc_n_images: int | None = None  # images simulated for BDMC; null = 10 on the CPU, 100 on CUDA; 0 = none
     seed: int = 0
 
 
@@ -353,14 +363,19 @@ def validate_speed(cfg: DictConfig) -> None:
 
 def validate_eval(cfg: DictConfig) -> None:
     """The eval.* values of cfg (a Config, or any node with an `eval` child)."""
-    for key in ("batch_size", "iwae_k", "prior_mc_samples"):
+    for key in ("batch_size", "iwae_k", "prior_mc_samples", "ais_steps", "ais_chains", "ais_leapfrog"):
         _positive_int(cfg, f"eval.{key}")
+    _positive_number(cfg, "eval.ais_step_size")
     _int_at_least(cfg, "eval.quadrature_points", 16, " (the convergence check halves the spacing)")
     for key in ("n_images", "importance_k"):
         if _select(cfg, f"eval.{key}") is not None:
             _positive_int(cfg, f"eval.{key}")
     if cfg.eval.importance_n_images is not None:
         _int_at_least(cfg, "eval.importance_n_images", 0, " (0 = all) or null (1000 on the CPU, all on CUDA)")
+    if cfg.eval.ais_n_images is not None:
+        _int_at_least(cfg, "eval.ais_n_images", 0, " (0 = all) or null (50 on the CPU, all on CUDA)")
+    if cfg.eval.bdmc_n_images is not None:
+        _int_at_least(cfg, "eval.bdmc_n_images", 0, " (0 = no BDMC) or null (10 on the CPU, 100 on CUDA)")
     _positive_number(cfg, "eval.quadrature_half_width")
     _require(
         isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31,
@@ -447,6 +462,8 @@ FLOAT = 4  # bytes of a float32
 MNIST_IMAGES = 70_000
 IMPORTANCE_K = {"cuda": 5000, "cpu": 1000}  # draws per image when eval.importance_k is null
 IMPORTANCE_N_IMAGES = {"cuda": 0, "cpu": 1000}  # images when eval.importance_n_images is null (0: all)
+AIS_N_IMAGES = {"cuda": 0, "cpu": 50}  # images when eval.ais_n_images is null (0: all)
+BDMC_N_IMAGES = {"cuda": 100, "cpu": 10}  # simulated images when eval.bdmc_n_images is null
 
 
 def importance_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
@@ -455,6 +472,19 @@ def importance_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tupl
     n = cfg_eval.importance_n_images
     n = IMPORTANCE_N_IMAGES.get(device.type, IMPORTANCE_N_IMAGES["cpu"]) if n is None else n
     return k, n_images if n == 0 else min(n, n_images)
+
+
+def ais_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
+    """(test images, simulated images for BDMC) of AIS for cfg_eval on `device`, out of n_images."""
+    n, m = cfg_eval.ais_n_images, cfg_eval.bdmc_n_images
+    n = AIS_N_IMAGES.get(device.type, AIS_N_IMAGES["cpu"]) if n is None else n
+    m = BDMC_N_IMAGES.get(device.type, BDMC_N_IMAGES["cpu"]) if m is None else m
+    return n_images if n == 0 else min(n, n_images), m
+
+
+def ais_batch_images(cfg_eval: Any) -> int:
+    """Images per AIS pass: eval.batch_size latents in all, as many chains a piece."""
+    return max(1, cfg_eval.batch_size // cfg_eval.ais_chains)
 
 
 # Adam keeps two moments beside each parameter and its gradient; a checkpoint copies both once more.
@@ -511,6 +541,8 @@ def eval_memory_parts(cfg: DictConfig, device: torch.device) -> list[tuple[str, 
     if OBJECTIVES[cfg.objective.name].uses_encoder:
         k, _ = importance_sizes(e, device, images)
         parts.append(("eval.importance_k, eval.batch_size", 4 * batch * k * (cfg.K + 1) * FLOAT))
+    if e.ais is not False:  # every draw of a batch of images made up front: momenta and accept uniforms for every step
+        parts.append(("eval.ais_steps, eval.batch_size", e.ais_steps * batch * (cfg.K + 1) * FLOAT))
     return parts
 
 

@@ -7,6 +7,10 @@ the same test images with its standard error; a gap is the mean of per-image dif
 
     gap_jensen = log p(x) - E_p(z) log p(x|z)  = mean KL(p(z) || p(z|x))
     gap_elbo   = log p(x) - ELBO               = mean KL(q(z|x) || p(z|x))
+
+log_px is the quadrature where K <= 2 (exact up to the grid, whose halving is reported) and
+annealed importance sampling where K > 2, with its BDMC gap on images simulated from the model
+(vae_cli.ais); every other estimator reports its mean difference from log_px on the same images.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import vae_cli
+from vae_cli.ais import SIGMOID_SCALE, TARGET_ACCEPTANCE, AISSettings, ais, bdmc
 from vae_cli.config import (
     EvalConfig,
+    ais_batch_images,
+    ais_sizes,
     check_memory,
     data_config,
     eval_memory_parts,
@@ -139,6 +146,45 @@ def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Sto
     return entry, {"prior_mc": mc.log_px, "jensen": mc.jensen}, {"jensen": jensen}
 
 
+def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Stopwatch) -> RunResult:
+    """AIS from p(z) to p(z|x) on the first eval.ais_n_images images, then BDMC on images simulated
+    from the model: forward and reverse AIS bracket their log p(x), the gap is AIS's precision."""
+    n, n_simulated = ais_sizes(cfg_eval, x.device, len(x))
+    settings = AISSettings(
+        cfg_eval.ais_steps, cfg_eval.ais_chains, cfg_eval.ais_leapfrog, cfg_eval.ais_step_size, cfg_eval.seed
+    )
+    batch = ais_batch_images(cfg_eval)
+    forward = ais(model, x[:n], settings, batch)
+    estimate = forward.estimate()
+    entry = {**mean_stderr(estimate), "seconds": lap()}
+    entry["settings"] = {
+        "steps": settings.steps,
+        "schedule": f"sigmoid, delta={SIGMOID_SCALE:g} (Grosse et al. 2015)",
+        "chains": settings.chains,
+        "leapfrog": settings.leapfrog,
+        "initial_step_size": settings.step_size,
+        "target_acceptance": TARGET_ACCEPTANCE,
+        "seed": settings.seed,
+        "n_images": n,
+    }
+    entry.update(acceptance=float(forward.acceptance.mean()), step_size=float(forward.step_size.mean()))
+    if n_simulated:
+        cert = bdmc(model, n_simulated, settings, batch)
+        entry["bdmc"] = {
+            "n_images": n_simulated,
+            "data": "simulated from the model: z ~ p(z), x ~ p(x|z)",
+            "lower": mean_stderr(cert.lower),
+            "upper": mean_stderr(cert.upper),
+            "gap": mean_stderr(cert.upper - cert.lower),
+            "acceptance": {
+                "forward": float(cert.forward.acceptance.mean()),
+                "reverse": float(cert.reverse.acceptance.mean()),
+            },
+            "seconds": lap(),
+        }
+    return entry, {"ais": estimate}, {}
+
+
 def encoder_summary(model: LatentVariableModel, x: torch.Tensor, cfg_eval) -> dict[str, Any]:
     """Active units (Var_x E_q[z_j] > 0.01) and the mean KL(q(z_j|x) || p(z_j)) per dimension."""
     enc = encoder_statistics(model, x, cfg_eval.batch_size)
@@ -165,15 +211,22 @@ def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: Dict
     estimates: dict[str, dict[str, Any]] = {}
     per_image: PerImage = {}
     bounds: Bounds = {}
-    runs = [("quadrature", run_quadrature)] if model.K <= QUADRATURE_MAX_K else []
+    exact = model.K <= QUADRATURE_MAX_K
+    use_ais = not exact if cfg_eval.ais is None else cfg_eval.ais
+    runs = [("quadrature", run_quadrature)] if exact else [("ais", run_ais)] if use_ais else []
     runs += [("importance", run_importance)] if model.encoder is not None else []
     runs += [("prior_mc", run_prior_mc)]
+    runs += [("ais", run_ais)] if exact and use_ais else []  # next to the exact answer, as a check of AIS
     for name, run in runs:
         entry, values, new_bounds = run(model, x, cfg_eval, lap)
         estimates[name] = {**entry, "n_images": len(values[name])}
         per_image = {**values, **per_image}  # the Jensen bound from the first (most exact) that gives it
         bounds = {**new_bounds, **bounds}
-    estimator = runs[0][0]  # quadrature where K <= 2, else importance, else prior_mc
+    estimator = runs[0][0]  # quadrature where K <= 2, else AIS (importance, prior_mc where eval.ais=false)
+    for name, entry in estimates.items():  # each estimator's distance to log_px, paired per image
+        if name != estimator:
+            n = min(len(per_image[name]), len(per_image[estimator]))
+            entry["minus_log_px"] = {**mean_stderr(per_image[name][:n] - per_image[estimator][:n]), "n_images": n}
 
     result: dict[str, Any] = {
         "log_px": estimates[estimator]["value"],
@@ -192,6 +245,8 @@ def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: Dict
         result[f"gap_{bound}"], result[f"gap_{bound}_stderr"] = gap["value"], gap["stderr"]
         result[f"gap_{bound}_n_images"] = n
     result["estimates"] = estimates
+    if "bdmc" in estimates.get("ais", {}):
+        result["bdmc_gap"] = estimates["ais"]["bdmc"]["gap"]["value"]
     result["bounds"] = {name: bounds[name] for name in ("jensen", "elbo", "iwae_k") if name in bounds}
     if model.encoder is not None:
         result.update(encoder_summary(model, x, cfg_eval))
@@ -213,8 +268,22 @@ def describe(name: str, entry: dict[str, Any], K: int) -> str:
             f"halving the spacing changes it by {entry['halving']['change']:+.4f}"
         )
     if name == "importance":
-        return f"k={s['k']} draws from q(z|x), first {s['n_images']} images"
-    return f"S={s['n_samples']} prior draws shared by all images"
+        text = f"k={s['k']} draws from q(z|x), first {s['n_images']} images"
+    elif name == "ais":
+        text = (
+            f"{s['steps']} steps (sigmoid), {s['chains']} chains, HMC {s['leapfrog']} leapfrog, "
+            f"acceptance {entry['acceptance']:.2f}"
+        )
+        if "bdmc" in entry:
+            b = entry["bdmc"]
+            text += (
+                f"; BDMC gap {b['gap']['value']:.3f} +- {b['gap']['stderr']:.3f} on {b['n_images']} simulated images"
+            )
+    else:
+        text = f"S={s['n_samples']} prior draws shared by all images"
+    if "minus_log_px" in entry:
+        text += f"; {entry['minus_log_px']['value']:+.3f} vs *"
+    return text
 
 
 def format_table(result: dict[str, Any]) -> str:

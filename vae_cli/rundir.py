@@ -90,6 +90,7 @@ HEADLINE = {
     "gap_jensen_stderr": "gap_jensen_stderr",
     "gap_elbo": "gap_elbo",
     "gap_elbo_stderr": "gap_elbo_stderr",
+    "bdmc_gap": "bdmc_gap",
     "active_units": "active_units",
     "n_images": "eval_n_images",
 }

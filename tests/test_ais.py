@@ -1,0 +1,114 @@
+"""Annealed importance sampling and BDMC (vae_cli.ais) on small models where a fine grid is the
+truth, and AIS as the evaluation's log_px where K > 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import compose_config
+from omegaconf import OmegaConf
+
+from vae_cli.ais import AISSettings, ais, bdmc, sigmoid_schedule, simulate
+from vae_cli.config import EvalConfig, ais_sizes
+from vae_cli.estimators import log_px_quadrature
+from vae_cli.evaluation import evaluate, format_table
+from vae_cli.models import ModelSpec, build_model
+
+FAST = AISSettings(steps=200, chains=8, leapfrog=5)
+
+
+def sharp_model(K: int = 2, seed: int = 0):
+    """A small decoder whose posteriors are far narrower than the prior (the hard case for AIS)."""
+    torch.manual_seed(seed)
+    model = build_model(ModelSpec(K=K, hidden=32, depth=2, activation="elu"))
+    with torch.no_grad():
+        model.decoder.net[0].weight.mul_(3)
+    return model.eval()
+
+
+def test_the_sigmoid_schedule_runs_from_0_to_1_densest_at_the_ends():
+    betas = sigmoid_schedule(100)
+    assert betas[0] == 0 and betas[-1] == 1 and len(betas) == 101
+    steps = betas.diff()
+    assert (steps > 0).all() and steps[0] < steps[50] and steps[-1] < steps[50]
+
+
+def test_ais_agrees_with_a_fine_grid_where_the_grid_is_the_truth():
+    model = sharp_model()
+    x, _ = simulate(model, 24, seed=1)
+    truth = log_px_quadrature(model, x, points_per_dim=800)  # 800^2 points: converged to 1e-4 here
+    assert (truth - log_px_quadrature(model, x, points_per_dim=400)).abs().max() < 1e-3
+    estimate = ais(model, x, AISSettings(steps=500, chains=8)).estimate()  # the default schedule
+    assert (estimate - truth).mean().abs() < 0.05  # the mean over images, as eval.json reports it
+    assert (estimate - truth).abs().max() < 0.5
+
+
+def test_bdmc_brackets_log_px_and_its_gap_is_small_at_the_default_schedule():
+    model = sharp_model()
+    result = bdmc(model, 16, AISSettings(steps=500, chains=8))
+    x, _ = simulate(model, 16, seed=0)
+    truth = log_px_quadrature(model, x, points_per_dim=800)
+    gap = result.upper - result.lower
+    assert gap.mean() < 0.2
+    assert result.lower.mean() <= truth.mean() + 0.05 and result.upper.mean() >= truth.mean() - 0.05
+    assert 0.4 < result.forward.acceptance.mean() < 0.9 and 0.4 < result.reverse.acceptance.mean() < 0.9
+
+
+def test_no_result_depends_on_the_batch_size():
+    model = sharp_model(K=3)
+    x, _ = simulate(model, 10, seed=2)
+    settings = AISSettings(steps=30, chains=4, leapfrog=3)
+    a, b = ais(model, x, settings, batch_size=10), ais(model, x, settings, batch_size=3)
+    assert torch.allclose(a.log_w, b.log_w, atol=1e-4)
+    # an image's draws are its own: evaluated alone (at its index) it gets the same weights
+    alone = ais(model, x[7:8], settings, batch_size=1, first=7)
+    assert torch.allclose(alone.log_w, a.log_w[7:8], atol=1e-4)
+
+
+def test_a_decoder_that_ignores_z_gets_its_exact_likelihood_with_zero_spread():
+    model = sharp_model()
+    with torch.no_grad():
+        model.decoder.net[0].weight.zero_()
+        logits = model.decode(torch.zeros(1, 2))[0]
+    x, _ = simulate(model, 4, seed=3)
+    exact = x @ logits - torch.nn.functional.softplus(logits).sum()
+    result = ais(model, x, AISSettings(steps=20, chains=4, leapfrog=2))
+    assert torch.allclose(result.estimate(), exact.double(), atol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["jensen", "elbo"])
+def test_ais_is_log_px_where_k_exceeds_2_with_its_bdmc_gap(objective):
+    cfg = compose_config([f"objective={objective}", "K=4", "eval.prior_mc_samples=2000", "eval.importance_k=256"])
+    model = sharp_model(K=4) if objective == "jensen" else build_model(ModelSpec(4, 32, 2, "elu", 32, 2)).eval()
+    x, _ = simulate(model, 32, seed=4)
+    cfg_eval = OmegaConf.merge(cfg.eval, {"ais_steps": 200, "ais_chains": 8, "bdmc_n_images": 8})
+    result = evaluate(model, x, cfg_eval)
+    assert result["estimator"] == "ais" and list(result["estimates"])[0] == "ais"
+    entry = result["estimates"]["ais"]
+    assert entry["settings"]["steps"] == 200 and entry["settings"]["schedule"].startswith("sigmoid")
+    assert 0.4 < entry["acceptance"] < 0.9
+    assert set(entry["bdmc"]) >= {"lower", "upper", "gap", "acceptance", "n_images"}
+    assert result["bdmc_gap"] == entry["bdmc"]["gap"]["value"] < 1.0
+    # AIS is not below the other estimators beyond their paired stderr (they are stochastic lower bounds too)
+    for name, other in result["estimates"].items():
+        if name != "ais":
+            assert other["minus_log_px"]["value"] <= 3 * other["minus_log_px"]["stderr"] + 0.01, name
+    table = format_table(result)
+    assert "ais *" in table and "BDMC gap" in table and "vs *" in table
+
+
+def test_at_k_2_ais_runs_next_to_the_quadrature_only_when_asked():
+    cfg = compose_config(["objective=jensen", "eval.quadrature_points=4096", "eval.prior_mc_samples=256"])
+    model = sharp_model()
+    x, _ = simulate(model, 16, seed=5)
+    assert "ais" not in evaluate(model, x, cfg.eval)["estimates"]  # vae-train's end of training: the grid alone
+    cfg_eval = OmegaConf.merge(cfg.eval, {"ais": True, "ais_steps": 200, "bdmc_n_images": 4})
+    result = evaluate(model, x, cfg_eval)
+    assert result["estimator"] == "quadrature"
+    assert abs(result["estimates"]["ais"]["minus_log_px"]["value"]) < 0.05
+
+
+def test_the_default_sizes_are_a_subset_on_the_cpu_and_everything_on_cuda():
+    assert ais_sizes(EvalConfig(), torch.device("cpu"), 10_000) == (50, 10)
+    assert ais_sizes(EvalConfig(), torch.device("cuda"), 10_000) == (10_000, 100)
+    assert ais_sizes(EvalConfig(ais_n_images=0, bdmc_n_images=0), torch.device("cpu"), 10_000) == (10_000, 0)
