@@ -109,6 +109,6 @@ def test_at_k_2_ais_runs_next_to_the_quadrature_only_when_asked():
 
 
 def test_the_default_sizes_are_a_subset_on_the_cpu_and_everything_on_cuda():
-    assert ais_sizes(EvalConfig(), torch.device("cpu"), 10_000) == (50, 10)
+    assert ais_sizes(EvalConfig(), torch.device("cpu"), 10_000) == (32, 8)
     assert ais_sizes(EvalConfig(), torch.device("cuda"), 10_000) == (10_000, 100)
     assert ais_sizes(EvalConfig(ais_n_images=0, bdmc_n_images=0), torch.device("cpu"), 10_000) == (10_000, 0)

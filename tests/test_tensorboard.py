@@ -18,6 +18,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 import vae_cli.figures
 import vae_cli.training
 from vae_cli.config import LOGGERS
+from vae_cli.evaluation import evaluate_run
 from vae_cli.objectives import OBJECTIVES
 from vae_cli.pipeline import train
 from vae_cli.rundir import EVAL, LOSSES, SUMMARY, read_losses
@@ -89,6 +90,10 @@ def test_events_hold_the_csv_the_grids_the_evaluation_and_the_hparams(tmp_path, 
     assert metrics == {FINAL + key for key in ("final_loss", "log_px", "log_px_stderr", "gap_jensen")}
     for tag in metrics:
         assert accumulator.Scalars(tag)[-1].value == pytest.approx(summary[tag[len(FINAL) :]], rel=1e-6)
+
+    result = evaluate_run(run_dir, overrides={"n_images": 16})  # vae-eval: the run's own logger gets its numbers
+    again = events(run_dir).Scalars("eval/log_px")
+    assert len(again) == 2 and again[-1].value == pytest.approx(result["log_px"], rel=1e-6)
 
 
 def test_a_resumed_run_shows_each_step_once(tmp_path, no_figures, monkeypatch):

@@ -305,12 +305,12 @@ def eval_main(argv: list[str] | None = None) -> None:
         help="annealed importance sampling at every K (log_px where K > 2; next to the quadrature where K <= 2)",
     )
     parser.add_argument("--ais-steps", type=int, help="AIS intermediate distributions (default: 500)")
-    parser.add_argument("--ais-chains", type=int, help="AIS chains per image (default: 8)")
-    parser.add_argument("--ais-n-images", type=int, help="AIS images (default: 50 on the CPU, all on CUDA; 0 = all)")
+    parser.add_argument("--ais-chains", type=int, help="AIS chains per image (default: 16)")
+    parser.add_argument("--ais-n-images", type=int, help="AIS images (default: 32 on the CPU, all on CUDA; 0 = all)")
     parser.add_argument(
         "--bdmc-n-images",
         type=int,
-        help="images simulated from the model for BDMC (default: 10 on the CPU, 100 on CUDA)",
+        help="images simulated from the model for BDMC (default: 8 on the CPU, 100 on CUDA)",
     )
     parser.add_argument("--batch-size", type=int, help="images per pass (default: 1000); results do not depend on it")
     parser.add_argument("--data-root", help="read the test set from here instead of the run's data.root")

@@ -110,11 +110,11 @@ class EvalConfig:
     # the exact quadrature: its --no-ais leaves it out); true: at every K; false: never.
     ais: bool | None = None
     ais_steps: int = 500  # intermediate distributions, on the sigmoid schedule
-    ais_chains: int = 8  # chains per image
+    ais_chains: int = 16  # chains per image
     ais_leapfrog: int = 5  # leapfrog steps per HMC transition
     ais_step_size: float = 0.1  # the initial HMC step size, adapted per chain to 0.65 acceptance
-    ais_n_images: int | None = None  # the first N of those evaluated; null = 50 on the CPU, all on CUDA; 0 = all
-    bdmc_n_images: int | None = None  # images simulated for BDMC; null = 10 on the CPU, 100 on CUDA; 0 = none
+    ais_n_images: int | None = None  # the first N of those evaluated; null = 32 on the CPU, all on CUDA; 0 = all
+    bdmc_n_images: int | None = None  # images simulated for BDMC; null = 8 on the CPU, 100 on CUDA; 0 = none
     seed: int = 0
 
 
@@ -373,9 +373,9 @@ def validate_eval(cfg: DictConfig) -> None:
     if cfg.eval.importance_n_images is not None:
         _int_at_least(cfg, "eval.importance_n_images", 0, " (0 = all) or null (1000 on the CPU, all on CUDA)")
     if cfg.eval.ais_n_images is not None:
-        _int_at_least(cfg, "eval.ais_n_images", 0, " (0 = all) or null (50 on the CPU, all on CUDA)")
+        _int_at_least(cfg, "eval.ais_n_images", 0, " (0 = all) or null (32 on the CPU, all on CUDA)")
     if cfg.eval.bdmc_n_images is not None:
-        _int_at_least(cfg, "eval.bdmc_n_images", 0, " (0 = no BDMC) or null (10 on the CPU, 100 on CUDA)")
+        _int_at_least(cfg, "eval.bdmc_n_images", 0, " (0 = no BDMC) or null (8 on the CPU, 100 on CUDA)")
     _positive_number(cfg, "eval.quadrature_half_width")
     _require(
         isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31,
@@ -462,8 +462,8 @@ FLOAT = 4  # bytes of a float32
 MNIST_IMAGES = 70_000
 IMPORTANCE_K = {"cuda": 5000, "cpu": 1000}  # draws per image when eval.importance_k is null
 IMPORTANCE_N_IMAGES = {"cuda": 0, "cpu": 1000}  # images when eval.importance_n_images is null (0: all)
-AIS_N_IMAGES = {"cuda": 0, "cpu": 50}  # images when eval.ais_n_images is null (0: all)
-BDMC_N_IMAGES = {"cuda": 100, "cpu": 10}  # simulated images when eval.bdmc_n_images is null
+AIS_N_IMAGES = {"cuda": 0, "cpu": 32}  # images when eval.ais_n_images is null (0: all)
+BDMC_N_IMAGES = {"cuda": 100, "cpu": 8}  # simulated images when eval.bdmc_n_images is null
 
 
 def importance_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
