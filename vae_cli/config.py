@@ -294,8 +294,8 @@ def _validate_values(cfg: DictConfig) -> None:
     _one_of(cfg, "data.name", DATASETS)
     _one_of(cfg, "data.binarization", BINARIZATIONS)
     _one_of(cfg, "logger", LOGGERS)
-    if missing_logger_package(cfg):
-        raise ConfigError(missing_logger_package(cfg))
+    if missing := missing_logger_package(cfg):
+        raise ConfigError(missing)
     if cfg.data.name == "synthetic":
         _positive_int(cfg, "data.n_train")
         _positive_int(cfg, "data.n_test")
@@ -466,20 +466,26 @@ AIS_N_IMAGES = {"cuda": 0, "cpu": 32}  # images when eval.ais_n_images is null (
 BDMC_N_IMAGES = {"cuda": 100, "cpu": 8}  # simulated images when eval.bdmc_n_images is null
 
 
+def _per_device(value: int | None, defaults: dict[str, int], device: torch.device) -> int:
+    """An eval size: its value where set, else the device's default (the CPU's for any other device)."""
+    return defaults.get(device.type, defaults["cpu"]) if value is None else value
+
+
+def _subset(n: int, n_images: int) -> int:
+    """The first n of n_images images (0: all of them)."""
+    return n_images if n == 0 else min(n, n_images)
+
+
 def importance_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
     """(draws per image, images) of importance sampling with q for cfg_eval on `device`, out of n_images."""
-    k = cfg_eval.importance_k or IMPORTANCE_K.get(device.type, IMPORTANCE_K["cpu"])
-    n = cfg_eval.importance_n_images
-    n = IMPORTANCE_N_IMAGES.get(device.type, IMPORTANCE_N_IMAGES["cpu"]) if n is None else n
-    return k, n_images if n == 0 else min(n, n_images)
+    k = cfg_eval.importance_k or _per_device(None, IMPORTANCE_K, device)
+    return k, _subset(_per_device(cfg_eval.importance_n_images, IMPORTANCE_N_IMAGES, device), n_images)
 
 
 def ais_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
     """(test images, simulated images for BDMC) of AIS for cfg_eval on `device`, out of n_images."""
-    n, m = cfg_eval.ais_n_images, cfg_eval.bdmc_n_images
-    n = AIS_N_IMAGES.get(device.type, AIS_N_IMAGES["cpu"]) if n is None else n
-    m = BDMC_N_IMAGES.get(device.type, BDMC_N_IMAGES["cpu"]) if m is None else m
-    return n_images if n == 0 else min(n, n_images), m
+    n = _subset(_per_device(cfg_eval.ais_n_images, AIS_N_IMAGES, device), n_images)
+    return n, _per_device(cfg_eval.bdmc_n_images, BDMC_N_IMAGES, device)
 
 
 def ais_batch_images(cfg_eval: Any) -> int:

@@ -64,6 +64,12 @@ def mean_stderr(values: torch.Tensor) -> dict[str, float]:
     return {"value": value, "stderr": stderr}
 
 
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """Mean and stderr of a - b per image, on the images both have (the first n), and n."""
+    n = min(len(a), len(b))
+    return {**mean_stderr(a[:n] - b[:n]), "n_images": n}
+
+
 def points_per_dim(total: int, K: int) -> int:
     return max(2, int(round(total ** (1 / K))))
 
@@ -225,8 +231,7 @@ def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: Dict
     estimator = runs[0][0]  # quadrature where K <= 2, else AIS (importance, prior_mc where eval.ais=false)
     for name, entry in estimates.items():  # each estimator's distance to log_px, paired per image
         if name != estimator:
-            n = min(len(per_image[name]), len(per_image[estimator]))
-            entry["minus_log_px"] = {**mean_stderr(per_image[name][:n] - per_image[estimator][:n]), "n_images": n}
+            entry["minus_log_px"] = paired_difference(per_image[name], per_image[estimator])
 
     result: dict[str, Any] = {
         "log_px": estimates[estimator]["value"],
@@ -238,12 +243,11 @@ def evaluate(model: LatentVariableModel, data_test: torch.Tensor, cfg_eval: Dict
     # Gaps are means of per-image differences on the images both have (the first n): paired, so
     # their stderr is small.
     for bound in ("jensen", "elbo"):
-        gap, n = {"value": None, "stderr": None}, None
+        gap = {"value": None, "stderr": None, "n_images": None}
         if bound in per_image:
-            n = min(len(per_image[estimator]), len(per_image[bound]))
-            gap = mean_stderr(per_image[estimator][:n] - per_image[bound][:n])
+            gap = paired_difference(per_image[estimator], per_image[bound])
         result[f"gap_{bound}"], result[f"gap_{bound}_stderr"] = gap["value"], gap["stderr"]
-        result[f"gap_{bound}_n_images"] = n
+        result[f"gap_{bound}_n_images"] = gap["n_images"]
     result["estimates"] = estimates
     if "bdmc" in estimates.get("ais", {}):
         result["bdmc_gap"] = estimates["ais"]["bdmc"]["gap"]["value"]
@@ -352,8 +356,8 @@ def evaluate_run(
         raise RunDirError(f"{run_dir} is not a directory")
     cfg, model, state = load_run_model(run_dir)
     cfg.eval = eval_config(cfg.get("eval"), overrides)
-    if missing_logger_package(cfg):  # the numbers matter more than the run's event files
-        log.warning("%s; eval.json is written, the run's event files are not", missing_logger_package(cfg))
+    if missing := missing_logger_package(cfg):  # the numbers matter more than the run's event files
+        log.warning("%s; eval.json is written, the run's event files are not", missing)
         cfg.logger = "csv"
     torch_device = resolve_device(device)
     check_memory(cfg, torch_device, eval_memory_parts(cfg, torch_device))

@@ -37,6 +37,7 @@ SAMPLES = "grids/samples"  # binary x ~ p(x|z), z ~ p(z)
 MEANS = "grids/means_not_samples"  # sigmoid(decoder(z)) for the same z: means, labelled so
 EVAL = "eval/"  # log_px and its stderr, the gaps, every estimate
 FINAL = "final/"  # the metrics of the HParams view
+# Config keys shown as hyper-parameters; a group (objective, data) by its name.
 HPARAMS = ("objective", "K", "n_samples", "batch_size", "lr", "seed", "data", "n_train_iters")
 # summary.json keys shown as metrics next to the hyper-parameters (those a run has).
 FINAL_METRICS = ("final_loss", "log_px", "log_px_stderr", "gap_jensen", "gap_elbo")
@@ -112,17 +113,8 @@ class TensorBoardTracker(Tracker):
         # stream (SummaryWriter.add_hparams would open a new run for it). The experiment summary is left
         # out: TensorBoard then builds it from every run of the sweep, and shows the hyper-parameters
         # that differ between them first (it would take one run's, which cannot know that).
-        values = {
-            "objective": self.cfg.objective.name,
-            "K": self.cfg.K,
-            "n_samples": self.cfg.n_samples,
-            "batch_size": self.cfg.batch_size,
-            "lr": self.cfg.lr,
-            "seed": self.cfg.seed,
-            "data": self.cfg.data.name,
-            "n_train_iters": self.cfg.n_train_iters,
-            "estimator": summary.get("log_px_estimator", "none"),
-        }
+        values = {key: self.cfg[key].name if key in ("objective", "data") else self.cfg[key] for key in HPARAMS}
+        values["estimator"] = summary.get("log_px_estimator", "none")
         metrics = {FINAL + key: summary[key] for key in FINAL_METRICS if _is_number(summary.get(key))}
         _, session_start, session_end = self.hparams(values, metrics)
         for part in (session_start, session_end):
