@@ -14,7 +14,7 @@ import torch
 from helpers import compose_config
 from PIL import Image
 
-from vae_cli import compare
+from vae_cli import compare, figures_sweep
 from vae_cli.cli import plot_main
 from vae_cli.errors import DataError
 from vae_cli.models import Decoder, LatentVariableModel, bernoulli_log_likelihood
@@ -205,6 +205,27 @@ def test_runs_differing_only_by_objective_get_metrics_by_run(tmp_path):
     assert (out / "metrics_by_run.png").exists() and (out / "loss_curves.png").exists()
     assert (out / "jensen" / "loss.png").exists() and (out / "elbo" / "loss.png").exists()
     assert "objective" in (out / "comparison.csv").read_text().splitlines()[0]
+
+
+def test_metrics_against_k_legend_names_every_objective(tmp_path, monkeypatch):
+    """A K sweep of jensen (shared samples) and elbo: the last panel (gap_elbo) has elbo points
+    only, and the legend still names both groups, each by the keys its runs have."""
+    evaluation = {"log_px": -150.0, "log_px_stderr": 0.4, "gap_jensen": 30.0, "gap_jensen_stderr": 0.2}
+    for objective, extra in (("jensen", ["objective.shared_samples=true"]), ("elbo", [])):
+        for K in (2, 4):
+            gap_elbo = {"gap_elbo": 3.0, "gap_elbo_stderr": 0.1} if objective == "elbo" else {}
+            fake_run(tmp_path / f"{objective}-{K}", [f"objective={objective}", f"K={K}", *extra], 150.0,
+                     evaluation={**evaluation, **gap_elbo})  # fmt: skip
+    runs, _ = compare.collect(sorted(tmp_path.iterdir()))
+    drawn = []
+    monkeypatch.setattr(figures_sweep, "save_figure", lambda fig, path: drawn.append(fig))
+    figures_sweep.save_metrics_against(runs, "K", tmp_path / "vs_K.png")
+    (fig,) = drawn
+    panels = [ax.get_ylabel() for ax in fig.axes]
+    assert panels == [figures_sweep.METRIC_LABELS[m] for m in ("final_loss", "log_px", "gap_jensen", "gap_elbo")]
+    assert len(fig.axes[-1].lines) < len(fig.axes[0].lines)  # gap_elbo: the elbo line only
+    legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
+    assert legend == ["objective=elbo", "objective=jensen, objective.shared_samples=true"]
 
 
 def test_posterior_of_a_decoder_that_ignores_z_is_the_prior():

@@ -200,8 +200,13 @@ def run_value(run: Run, key: str) -> str:
     return "" if value is None else str(value)
 
 
+def key_values(run: Run, keys: list[str]) -> str:
+    """key=value for each of the keys the run has (a key of one objective only is left out of the others')."""
+    return ", ".join(f"{k}={value}" for k in keys if (value := run_value(run, k)))
+
+
 def run_label(run: Run, keys: list[str]) -> str:
-    label = ", ".join(f"{k}={run_value(run, k)}" for k in keys) if keys else run.name
+    label = key_values(run, keys) or run.name
     return label if run.completed else f"{label} ({run.status.split(' (')[0]})"
 
 

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli import figures_sweep, plotting
-from vae_cli.compare import Run, collect, differing_keys, is_run_dir, load_run, run_value, write_comparison
+from vae_cli.compare import Run, collect, differing_keys, is_run_dir, key_values, load_run, write_comparison
 from vae_cli.config import data_config
 from vae_cli.data import load_data_here
 from vae_cli.errors import DataError, RunDirError, UserError
@@ -256,7 +256,7 @@ def write_report(result: PlotResult, command: str) -> Path:
             lines += [f"![{fig.path.stem}]({link(fig.path)})", "", f"{fig.path.name}: {fig.what}.", ""]
     keys = differing_keys([r.run for r in result.runs])
     for rf in result.runs:
-        title = ", ".join(f"{k}={run_value(rf.run, k)}" for k in keys) if keys else str(rf.run.path)
+        title = key_values(rf.run, keys) or str(rf.run.path)
         lines += [
             f"## Run {rf.run.name}: {title}" if len(result.runs) > 1 else f"## Run {rf.run.path}",
             "",

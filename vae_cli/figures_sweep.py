@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from vae_cli.compare import METRICS, Run, differing_keys, metric, run_labels, run_value
+from vae_cli.compare import METRICS, Run, differing_keys, key_values, metric, run_labels, run_value
 from vae_cli.plotting import moving_average, plt, save_figure, smoothing_window
 
 METRIC_LABELS = {
@@ -70,10 +70,11 @@ def save_metrics_against(runs: list[Run], key: str, path: Path) -> None:
     metrics = metrics_present(runs)
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(", ".join(f"{k}={run_value(run, k)}" for k in others) or "all runs", []).append(run)
+        groups.setdefault(key_values(run, others) or "all runs", []).append(run)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 1.5, 3.6), squeeze=False)
     xs_all = [_number(run_value(run, key)) for run in runs]
     log_x = min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8
+    handles: dict[str, object] = {}  # one legend entry per group, whichever panel drew it
     for ax, m in zip(axes[0], metrics):
         for i, (group, members) in enumerate(groups.items()):
             points = sorted((_number(run_value(r, key)), *metric(r, m), r.completed) for r in members)
@@ -82,7 +83,10 @@ def save_metrics_against(runs: list[Run], key: str, path: Path) -> None:
                 continue
             xs, ys, errs, done = zip(*points)
             errs = [0.0 if math.isnan(e) else e for e in errs]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, capsize=3, lw=1.2, color=plt.cm.tab10(i % 10), label=group)
+            handles.setdefault(
+                group,
+                ax.errorbar(xs, ys, yerr=errs, marker="o", ms=4, capsize=3, lw=1.2, color=plt.cm.tab10(i % 10)),
+            )
             for x, y, d in zip(xs, ys, done):
                 if not d:
                     ax.annotate("partial", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -92,7 +96,9 @@ def save_metrics_against(runs: list[Run], key: str, path: Path) -> None:
         ax.set_xlabel(key)
         ax.set_ylabel(METRIC_LABELS.get(m, m))
         ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    # The last panel may lack some groups (gap_elbo: encoder objectives only), so the legend lists them all.
+    labels = [group for group in groups if group in handles]
+    axes[0, -1].legend([handles[g] for g in labels], labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(
         f"{', '.join(METRIC_LABELS.get(m, m).split(' (')[0] for m in metrics)} against {key} (error bars: 1 stderr)",
         fontsize=9,
