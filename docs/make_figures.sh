@@ -10,28 +10,39 @@
 #   vae-train -m +sweep=n_samples n_samples=1,8,32 n_train_iters=100 hydra.sweep.dir=runs/sweep-n_samples
 #   SWEEP=runs/sweep-n_samples sh docs/make_figures.sh runs
 #
+# and (when KSWEEP names run or multirun directories) the K sweep: README, "A K sweep".
+# Each part is skipped when its directories are not given (the full runs: runs/full-jensen absent).
+#
 # vae-plot draws every figure into a scratch directory; the few the README shows are copied
-# into docs/full and docs/sweep (small palette PNGs, about 300 KB in all).
+# into docs/full, docs/sweep and docs/ksweep (small palette PNGs).
 set -eu
 runs=${1:-runs}
 docs=$(cd "$(dirname "$0")" && pwd)
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
-vae-plot "$runs/full-jensen" "$runs/full-prior_iwae" "$runs/full-elbo" "$runs/full-iwae" "$runs/full-exact" \
-  --out "$scratch/full"
-mkdir -p "$docs/full"
-for objective in jensen prior_iwae elbo iwae exact; do
-  for figure in samples means posterior; do
-    cp "$scratch/full/full-$objective/$figure.png" "$docs/full/$objective-$figure.png"
+if [ -d "$runs/full-jensen" ]; then
+  vae-plot "$runs/full-jensen" "$runs/full-prior_iwae" "$runs/full-elbo" "$runs/full-iwae" "$runs/full-exact" \
+    --out "$scratch/full"
+  mkdir -p "$docs/full"
+  for objective in jensen prior_iwae elbo iwae exact; do
+    for figure in samples means posterior; do
+      cp "$scratch/full/full-$objective/$figure.png" "$docs/full/$objective-$figure.png"
+    done
   done
-done
-cp "$scratch/full/full-elbo/encoded.png" "$docs/full/elbo-encoded.png"
-cp "$scratch/full/loss_curves.png" "$scratch/full/comparison.md" "$scratch/full/comparison.csv" "$docs/full/"
+  cp "$scratch/full/full-elbo/encoded.png" "$docs/full/elbo-encoded.png"
+  cp "$scratch/full/loss_curves.png" "$scratch/full/comparison.md" "$scratch/full/comparison.csv" "$docs/full/"
+fi
 
 if [ -n "${SWEEP:-}" ]; then
   vae-plot "$SWEEP" --out "$scratch/sweep"
   mkdir -p "$docs/sweep"
   cp "$scratch/sweep/vs_n_samples.png" "$scratch/sweep/comparison.md" "$scratch/sweep/comparison.csv" "$docs/sweep/"
 fi
-du -ch "$docs"/full/* "$docs"/sweep/* 2>/dev/null | tail -1
+if [ -n "${KSWEEP:-}" ]; then
+  # shellcheck disable=SC2086 # KSWEEP is a list of directories
+  vae-plot $KSWEEP --out "$scratch/ksweep"
+  mkdir -p "$docs/ksweep"
+  cp "$scratch/ksweep/vs_K.png" "$scratch/ksweep/comparison.md" "$scratch/ksweep/comparison.csv" "$docs/ksweep/"
+fi
+du -ch "$docs"/full/* "$docs"/sweep/* "$docs"/ksweep/* 2>/dev/null | tail -1
