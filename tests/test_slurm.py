@@ -146,15 +146,25 @@ def wait_for_rows(proc: subprocess.Popen, run_dir: Path, rows: int) -> None:
     pytest.fail(f"{run_dir} did not reach {rows} steps while the job ran")
 
 
-def accounting(job: str) -> list[str]:
-    """`sacct --duplicates`: every start of the job, requeued ones too."""
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "--duplicates", "-P", "-o", "State", "-j", job],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return out.split()
+# sacct states of a start that has not ended. submitit returns once a job has written its result,
+# while its batch script may still be exiting and slurmdbd records the end a moment later.
+UNFINISHED = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUING", "STAGE_OUT"}
+
+
+def accounting(job: str, wait_s: float = 60.0) -> list[str]:
+    """`sacct --duplicates`: every start of the job, requeued ones too, once each has ended."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "--duplicates", "-P", "-o", "State", "-j", job],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        states = [state.split()[0] for state in out.splitlines() if state.strip()]  # "CANCELLED by 0"
+        if not UNFINISHED.intersection(states) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def submitit_log(sweep_dir: Path) -> str:
