@@ -27,7 +27,15 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from vae_cli import callbacks, pipeline
-from vae_cli.config import register_configs
+from vae_cli.config import (
+    AIS_N_IMAGES,
+    BDMC_N_IMAGES,
+    IMPORTANCE_K,
+    IMPORTANCE_N_IMAGES,
+    EvalConfig,
+    device_defaults,
+    register_configs,
+)
 from vae_cli.device import flush_denormals
 from vae_cli.errors import Abort, JobFailed, UserError
 from vae_cli.evaluation import eval_config, evaluate_run, format_table
@@ -283,13 +291,13 @@ def eval_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--n-images", type=int, help="only the first N test images (default: all)")
     parser.add_argument(
-        "--importance-k", type=int, help="draws from q(z|x) per image (default: 5000 on CUDA, 1000 on the CPU)"
+        "--importance-k", type=int, help=f"draws from q(z|x) per image (default: {device_defaults(IMPORTANCE_K)})"
     )
     parser.add_argument(
         "--importance-n-images",
         type=int,
         help="images for importance sampling, the ELBO and IWAE-k: the first N of those evaluated "
-        "(default: all on CUDA, 1000 on the CPU; 0 = all)",
+        f"(default: {device_defaults(IMPORTANCE_N_IMAGES)}; 0 = all)",
     )
     parser.add_argument(
         "--full", action="store_true", help="every estimator on every test image (--n-images 0 and the subsets off)"
@@ -304,13 +312,17 @@ def eval_main(argv: list[str] | None = None) -> None:
         default=True,
         help="annealed importance sampling at every K (log_px where K > 2; next to the quadrature where K <= 2)",
     )
-    parser.add_argument("--ais-steps", type=int, help="AIS intermediate distributions (default: 500)")
-    parser.add_argument("--ais-chains", type=int, help="AIS chains per image (default: 16)")
-    parser.add_argument("--ais-n-images", type=int, help="AIS images (default: 32 on the CPU, all on CUDA; 0 = all)")
+    parser.add_argument(
+        "--ais-steps", type=int, help=f"AIS intermediate distributions (default: {EvalConfig.ais_steps})"
+    )
+    parser.add_argument("--ais-chains", type=int, help=f"AIS chains per image (default: {EvalConfig.ais_chains})")
+    parser.add_argument(
+        "--ais-n-images", type=int, help=f"AIS images (default: {device_defaults(AIS_N_IMAGES)}; 0 = all)"
+    )
     parser.add_argument(
         "--bdmc-n-images",
         type=int,
-        help="images simulated from the model for BDMC (default: 8 on the CPU, 100 on CUDA)",
+        help=f"images simulated from the model for BDMC (default: {device_defaults(BDMC_N_IMAGES)})",
     )
     parser.add_argument("--batch-size", type=int, help="images per pass (default: 1000); results do not depend on it")
     parser.add_argument("--data-root", help="read the test set from here instead of the run's data.root")

@@ -371,11 +371,13 @@ def validate_eval(cfg: DictConfig) -> None:
         if _select(cfg, f"eval.{key}") is not None:
             _positive_int(cfg, f"eval.{key}")
     if cfg.eval.importance_n_images is not None:
-        _int_at_least(cfg, "eval.importance_n_images", 0, " (0 = all) or null (1000 on the CPU, all on CUDA)")
+        _int_at_least(
+            cfg, "eval.importance_n_images", 0, f" (0 = all) or null ({device_defaults(IMPORTANCE_N_IMAGES)})"
+        )
     if cfg.eval.ais_n_images is not None:
-        _int_at_least(cfg, "eval.ais_n_images", 0, " (0 = all) or null (32 on the CPU, all on CUDA)")
+        _int_at_least(cfg, "eval.ais_n_images", 0, f" (0 = all) or null ({device_defaults(AIS_N_IMAGES)})")
     if cfg.eval.bdmc_n_images is not None:
-        _int_at_least(cfg, "eval.bdmc_n_images", 0, " (0 = no BDMC) or null (8 on the CPU, 100 on CUDA)")
+        _int_at_least(cfg, "eval.bdmc_n_images", 0, f" (0 = no BDMC) or null ({device_defaults(BDMC_N_IMAGES)})")
     _positive_number(cfg, "eval.quadrature_half_width")
     _require(
         isinstance(cfg.eval.seed, int) and 0 <= cfg.eval.seed < 2**31,
@@ -471,6 +473,11 @@ def _per_device(value: int | None, defaults: dict[str, int], device: torch.devic
     return defaults.get(device.type, defaults["cpu"]) if value is None else value
 
 
+def device_defaults(defaults: dict[str, int]) -> str:
+    """How a per-device default reads in messages and help: "32 on the CPU, all on CUDA"."""
+    return ", ".join(f"{defaults[d] or 'all'} on {name}" for d, name in (("cpu", "the CPU"), ("cuda", "CUDA")))
+
+
 def _subset(n: int, n_images: int) -> int:
     """The first n of n_images images (0: all of them)."""
     return n_images if n == 0 else min(n, n_images)
@@ -478,7 +485,7 @@ def _subset(n: int, n_images: int) -> int:
 
 def importance_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
     """(draws per image, images) of importance sampling with q for cfg_eval on `device`, out of n_images."""
-    k = cfg_eval.importance_k or _per_device(None, IMPORTANCE_K, device)
+    k = _per_device(cfg_eval.importance_k, IMPORTANCE_K, device)
     return k, _subset(_per_device(cfg_eval.importance_n_images, IMPORTANCE_N_IMAGES, device), n_images)
 
 
