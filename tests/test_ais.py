@@ -3,13 +3,16 @@ truth, and AIS as the evaluation's log_px where K > 2."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import compose_config
 from omegaconf import OmegaConf
 
+from vae_cli import config
 from vae_cli.ais import AISSettings, ais, bdmc, sigmoid_schedule, simulate
-from vae_cli.config import EvalConfig, ais_sizes
+from vae_cli.config import EvalConfig, ais_settings, ais_sizes
 from vae_cli.estimators import log_px_quadrature
 from vae_cli.evaluation import evaluate, format_table
 from vae_cli.models import ModelSpec, build_model
@@ -33,12 +36,13 @@ def test_the_sigmoid_schedule_runs_from_0_to_1_densest_at_the_ends():
     assert (steps > 0).all() and steps[0] < steps[50] and steps[-1] < steps[50]
 
 
-def test_ais_agrees_with_a_fine_grid_where_the_grid_is_the_truth():
+@pytest.mark.parametrize("gradient_dtype", [torch.float32, torch.bfloat16])
+def test_ais_agrees_with_a_fine_grid_where_the_grid_is_the_truth(gradient_dtype):
     model = sharp_model()
     x, _ = simulate(model, 24, seed=1)
     truth = log_px_quadrature(model, x, points_per_dim=800)  # 800^2 points: converged to 1e-4 here
     assert (truth - log_px_quadrature(model, x, points_per_dim=400)).abs().max() < 1e-3
-    estimate = ais(model, x, AISSettings(steps=500, chains=8)).estimate()  # the default schedule
+    estimate = ais(model, x, AISSettings(steps=500, chains=8, gradient_dtype=gradient_dtype)).estimate()
     assert (estimate - truth).mean().abs() < 0.05  # the mean over images, as eval.json reports it
     assert (estimate - truth).abs().max() < 0.5
 
@@ -54,10 +58,11 @@ def test_bdmc_brackets_log_px_and_its_gap_is_small_at_the_default_schedule():
     assert 0.4 < result.forward.acceptance.mean() < 0.9 and 0.4 < result.reverse.acceptance.mean() < 0.9
 
 
-def test_no_result_depends_on_the_batch_size():
+@pytest.mark.parametrize("gradient_dtype", [torch.float32, torch.bfloat16])
+def test_no_result_depends_on_the_batch_size(gradient_dtype):
     model = sharp_model(K=3)
     x, _ = simulate(model, 10, seed=2)
-    settings = AISSettings(steps=30, chains=4, leapfrog=3)
+    settings = AISSettings(steps=30, chains=4, leapfrog=3, gradient_dtype=gradient_dtype)
     a, b = ais(model, x, settings, batch_size=10), ais(model, x, settings, batch_size=3)
     assert torch.allclose(a.log_w, b.log_w, atol=1e-4)
     # an image's draws are its own: evaluated alone (at its index) it gets the same weights
@@ -76,6 +81,31 @@ def test_a_decoder_that_ignores_z_gets_its_exact_likelihood_with_zero_spread():
     assert torch.allclose(result.estimate(), exact.double(), atol=1e-4)
 
 
+def test_bf16_gradients_leave_the_weights_float32():
+    """Only the leapfrog's force comes from the bf16 copy: where z does not matter, the estimate is the
+    float32 likelihood to round-off, though the bf16 decoder's own likelihood is off by far more."""
+    model = sharp_model()
+    with torch.no_grad():
+        model.decoder.net[0].weight.zero_()
+        model.decoder.net[-1].bias.normal_(0, 3)  # logits of a few nats: bf16 rounds them by hundredths
+        logits = model.decode(torch.zeros(1, 2))[0]
+    x, _ = simulate(model, 4, seed=3)
+    exact = (x @ logits - torch.nn.functional.softplus(logits).sum()).double()
+    in_bf16 = copy.deepcopy(model).to(torch.bfloat16).log_px_given_z(x, torch.zeros(4, 1, 2, dtype=torch.bfloat16))
+    assert (in_bf16[:, 0].double() - exact).abs().max() > 0.01
+    result = ais(model, x, AISSettings(steps=20, chains=4, leapfrog=2, gradient_dtype=torch.bfloat16))
+    assert torch.allclose(result.estimate(), exact, atol=1e-4)
+
+
+def test_the_gradient_dtype_is_bf16_where_the_device_has_it_unless_set(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(config, "has_native_bf16", lambda device, native=native: native)
+        assert ais_settings(EvalConfig(), cpu).gradient_dtype == (torch.bfloat16 if native else torch.float32)
+        assert ais_settings(EvalConfig(ais_bf16_gradients=False), cpu).gradient_dtype == torch.float32
+        assert ais_settings(EvalConfig(ais_bf16_gradients=True), cpu).gradient_dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("objective", ["jensen", "elbo"])
 def test_ais_is_log_px_where_k_exceeds_2_with_its_bdmc_gap(objective):
     cfg = compose_config([f"objective={objective}", "K=4", "eval.prior_mc_samples=2000", "eval.importance_k=256"])
@@ -86,6 +116,7 @@ def test_ais_is_log_px_where_k_exceeds_2_with_its_bdmc_gap(objective):
     assert result["estimator"] == "ais" and list(result["estimates"])[0] == "ais"
     entry = result["estimates"]["ais"]
     assert entry["settings"]["steps"] == 200 and entry["settings"]["schedule"].startswith("sigmoid")
+    assert entry["settings"]["gradients"] == str(ais_settings(cfg_eval, x.device).gradient_dtype).removeprefix("torch.")
     assert 0.4 < entry["acceptance"] < 0.9
     assert set(entry["bdmc"]) >= {"lower", "upper", "gap", "acceptance", "n_images"}
     assert result["bdmc_gap"] == entry["bdmc"]["gap"]["value"] < 1.0

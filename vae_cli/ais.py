@@ -18,10 +18,17 @@ chain towards TARGET_ACCEPTANCE from that chain's own past acceptances (each tra
 leaves f_t invariant given its eps). One decoder pass over images x chains latents gives log p(x|z)
 and, by backward, its gradient in z. Every random draw of an image comes from its own seeded
 generator, so no result depends on the batch size.
+
+The gradient may come from a bf16 copy of the decoder (`gradient_dtype`): it only steers the
+leapfrog proposal. Any force that is a fixed function of z keeps the leapfrog map reversible and
+volume-preserving, so the Metropolis test, on float32 energies, still leaves the float32 f_t
+invariant, and the weights are float32 log p(x|z): the estimate stays that of the float32 model.
+A worse gradient can only lower the acceptance rate, which eval.json records.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -43,6 +50,7 @@ class AISSettings:
     leapfrog: int = 5  # leapfrog steps per HMC transition
     step_size: float = 0.1  # initial eps, adapted per chain
     seed: int = 0
+    gradient_dtype: torch.dtype = torch.float32  # of the decoder pass that gives the leapfrog's gradient
 
 
 @dataclass(frozen=True)
@@ -82,20 +90,45 @@ def _noise(n: int, first: int, settings: AISSettings, K: int, device: torch.devi
 def _log_likelihood_and_grad(
     model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x_b|z_bc) (B, C) and its gradient in z (B, C, K), from one decoder pass and its backward."""
+    """log p(x_b|z_bc) (B, C) and its gradient in z (B, C, K), from one decoder pass and its backward,
+    in the model's dtype (the likelihood itself is float32: models.float32_likelihood)."""
     with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
+        z = z.detach().to(next(model.parameters()).dtype).requires_grad_(True)
         ll = model.log_px_given_z(x, z)
         (grad,) = torch.autograd.grad(ll.sum(), z)  # only the path to z: no parameter gradients
-    return ll.detach(), grad
+    return ll.detach(), grad.float()
+
+
+def _in_dtype(model: LatentVariableModel, dtype: torch.dtype) -> LatentVariableModel:
+    """The model itself where it is in `dtype` already, else a copy in `dtype` (for the gradient only)."""
+    if dtype == next(model.parameters()).dtype:
+        return model
+    return copy.deepcopy(model).to(dtype).requires_grad_(False)
+
+
+class _Likelihood:
+    """log p(x|z) of a batch of images x in float32, and its gradient in z from `gradient_model`
+    (the model itself, or its copy in settings.gradient_dtype)."""
+
+    def __init__(self, model: LatentVariableModel, gradient_model: LatentVariableModel, x: torch.Tensor) -> None:
+        self.model, self.gradient_model, self.x = model, gradient_model, x
+
+    def grad(self, z: torch.Tensor) -> torch.Tensor:
+        return _log_likelihood_and_grad(self.gradient_model, self.x, z)[1]
+
+    def value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gradient_model is self.model:
+            return _log_likelihood_and_grad(self.model, self.x, z)  # one pass gives both
+        with torch.no_grad():
+            return self.model.log_px_given_z(self.x, z), self.grad(z)
 
 
 class _Chains:
     """The chains of a batch of images: positions, log p(x|z) and its gradient there, step sizes."""
 
-    def __init__(self, model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor, settings: AISSettings) -> None:
-        self.model, self.x, self.z, self.leapfrog = model, x, z, settings.leapfrog
-        self.ll, self.grad_ll = _log_likelihood_and_grad(model, x, z)
+    def __init__(self, likelihood: _Likelihood, z: torch.Tensor, settings: AISSettings) -> None:
+        self.likelihood, self.z, self.leapfrog = likelihood, z, settings.leapfrog
+        self.ll, self.grad_ll = likelihood.value_and_grad(z)
         self.eps = torch.full(z.shape[:2], settings.step_size, device=z.device)
         self.rate = torch.full(z.shape[:2], TARGET_ACCEPTANCE, device=z.device)
         self.accepted = torch.zeros(z.shape[:2], device=z.device)
@@ -106,11 +139,12 @@ class _Chains:
         z, ll, grad_ll = self.z, self.ll, self.grad_ll
         energy = 0.5 * (z * z).sum(-1) - beta * ll + 0.5 * (momentum * momentum).sum(-1)
         p = momentum - 0.5 * eps * (z - beta * grad_ll)
-        for step in range(self.leapfrog):
+        for step in range(1, self.leapfrog + 1):
             z = z + eps * p
-            ll, grad_ll = _log_likelihood_and_grad(self.model, self.x, z)
-            force = z - beta * grad_ll
-            p = p - (eps if step < self.leapfrog - 1 else 0.5 * eps) * force  # the last half step
+            if step < self.leapfrog:
+                p = p - eps * (z - beta * self.likelihood.grad(z))
+        ll, grad_ll = self.likelihood.value_and_grad(z)  # the energy at the proposal is float32
+        p = p - 0.5 * eps * (z - beta * grad_ll)  # the last half step
         new_energy = 0.5 * (z * z).sum(-1) - beta * ll + 0.5 * (p * p).sum(-1)
         accept = torch.log(uniform) < (energy - new_energy)  # NaN energies compare False: rejected
         self.z = torch.where(accept.unsqueeze(-1), z, self.z)
@@ -139,12 +173,13 @@ def ais(
     if start is not None:
         betas = betas[::-1]
     parts: dict[str, list[torch.Tensor]] = {"log_w": [], "acceptance": [], "step_size": []}
+    gradient_model = _in_dtype(model, settings.gradient_dtype)
     for offset in range(0, len(x), batch_size):
         xb = x[offset : offset + batch_size]
         z0, momenta, uniforms = _noise(len(xb), first + offset, settings, model.K, x.device)
         if start is not None:
             z0 = start[offset : offset + batch_size].unsqueeze(1).expand_as(z0).clone()
-        chains = _Chains(model, xb, z0, settings)
+        chains = _Chains(_Likelihood(model, gradient_model, xb), z0, settings)
         log_w = torch.zeros(z0.shape[:2], dtype=torch.float64, device=x.device)
         for t in range(1, settings.steps + 1):
             log_w += (betas[t] - betas[t - 1]) * chains.ll.double()  # log f_t(z_{t-1}) - log f_{t-1}(z_{t-1})

@@ -320,6 +320,12 @@ def eval_main(argv: list[str] | None = None) -> None:
         "--ais-n-images", type=int, help=f"AIS images (default: {device_defaults(AIS_N_IMAGES)}; 0 = all)"
     )
     parser.add_argument(
+        "--ais-bf16-gradients",
+        action=argparse.BooleanOptionalAction,
+        help="the leapfrog's gradient from a bf16 copy of the decoder; energies and weights stay float32 "
+        "(default: where the device multiplies bf16 natively)",
+    )
+    parser.add_argument(
         "--bdmc-n-images",
         type=int,
         help=f"images simulated from the model for BDMC (default: {device_defaults(BDMC_N_IMAGES)})",
@@ -338,6 +344,7 @@ def eval_main(argv: list[str] | None = None) -> None:
         "ais_steps",
         "ais_chains",
         "ais_n_images",
+        "ais_bf16_gradients",
         "bdmc_n_images",
     )
     overrides = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}

@@ -67,6 +67,14 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 matrix products run faster than float32 ones on `device`: a CPU with native bf16
+    instructions, or a CUDA device with bf16 tensor cores (compute capability 8.0 and later)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return cpu_has_bf16()
+
+
 def keep_freed_heap_memory() -> bool:
     """Ask glibc to serve blocks up to 32 MiB from the heap and to keep up to 1 GiB of freed heap
     instead of handing it back to the system, which made every CPU step page-fault its logits and

@@ -27,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import vae_cli
-from vae_cli.ais import SIGMOID_SCALE, TARGET_ACCEPTANCE, AISSettings, ais, bdmc
+from vae_cli.ais import SIGMOID_SCALE, TARGET_ACCEPTANCE, ais, bdmc
 from vae_cli.config import (
     EvalConfig,
     ais_batch_images,
+    ais_settings,
     ais_sizes,
     check_memory,
     data_config,
@@ -156,9 +157,7 @@ def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Stopwatc
     """AIS from p(z) to p(z|x) on the first eval.ais_n_images images, then BDMC on images simulated
     from the model: forward and reverse AIS bracket their log p(x), the gap is AIS's precision."""
     n, n_simulated = ais_sizes(cfg_eval, x.device, len(x))
-    settings = AISSettings(
-        cfg_eval.ais_steps, cfg_eval.ais_chains, cfg_eval.ais_leapfrog, cfg_eval.ais_step_size, cfg_eval.seed
-    )
+    settings = ais_settings(cfg_eval, x.device)
     batch = ais_batch_images(cfg_eval)
     forward = ais(model, x[:n], settings, batch)
     estimate = forward.estimate()
@@ -170,6 +169,7 @@ def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, lap: Stopwatc
         "leapfrog": settings.leapfrog,
         "initial_step_size": settings.step_size,
         "target_acceptance": TARGET_ACCEPTANCE,
+        "gradients": str(settings.gradient_dtype).removeprefix("torch."),  # energies and weights: float32
         "seed": settings.seed,
         "n_images": n,
     }

@@ -1,0 +1,118 @@
+"""AIS against the exact quadrature on every test image of K=2 runs (README, "How close AIS comes"),
+in chunks that survive an interruption:
+
+    python docs/ais_vs_quadrature.py OUT RUN [RUN ...] [--chunk 500] [--n-images 10000]
+    python docs/ais_vs_quadrature.py OUT RUN [RUN ...] --summary
+
+Each run's eval settings (the defaults unless it changed them) and this machine's AIS gradient
+dtype are used, as vae-eval would use them. The chunks go round the runs, so all of them advance
+together; each chunk's per-image values are written to OUT/<run>/<first>-<end>.pt and a chunk
+already there is not run again. Every image's draws are seeded by its index, so chunked values
+equal those of one `vae-eval RUN --full` pass. --summary prints, per run, the images done, the
+mean quadrature and AIS minus quadrature with its paired standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import time
+from pathlib import Path
+
+import torch
+
+from vae_cli.ais import ais
+from vae_cli.config import ais_batch_images, ais_settings, data_config
+from vae_cli.data import load_data_here
+from vae_cli.device import flush_denormals
+from vae_cli.evaluation import Stopwatch, eval_config, mean_stderr, paired_difference, run_quadrature
+from vae_cli.rundir import atomic_write_bytes, load_run_model
+
+QUADRATURE = "quadrature.pt"
+
+
+def save(path: Path, values: dict[str, torch.Tensor]) -> None:
+    buffer = io.BytesIO()
+    torch.save(values, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class Check:
+    """One K=2 run: its model, test images, eval settings and the folder of its chunks."""
+
+    def __init__(self, run: Path, out: Path, n_images: int):
+        cfg, self.model, _ = load_run_model(run)
+        if self.model.K != 2:
+            raise SystemExit(f"{run}: K={self.model.K}; the quadrature is exact at K=2 only")
+        self.cfg_eval = eval_config(cfg.get("eval"))
+        self.x = load_data_here(data_config(cfg), cfg.seed, torch.device("cpu")).test[:n_images]
+        self.name = f"{run.name}-{cfg.objective.name}"
+        self.folder = out / self.name
+
+    def quadrature(self) -> torch.Tensor:
+        path = self.folder / QUADRATURE
+        if not path.exists():
+            stopwatch = Stopwatch(self.x.device)
+            with torch.no_grad():  # as in evaluate: no graph of 10k x 147456 decoder rows
+                per_image = run_quadrature(self.model, self.x, self.cfg_eval, stopwatch)[1]
+            save(path, {"quadrature": per_image["quadrature"]})
+        return torch.load(path)["quadrature"]
+
+    def chunk_path(self, first: int, end: int) -> Path:
+        return self.folder / f"{first:05d}-{end:05d}.pt"
+
+    def run_chunk(self, first: int, end: int) -> None:
+        settings = ais_settings(self.cfg_eval, self.x.device)
+        start = time.perf_counter()
+        result = ais(self.model, self.x[first:end], settings, ais_batch_images(self.cfg_eval), first=first)
+        seconds = time.perf_counter() - start
+        save(self.chunk_path(first, end), {"ais": result.estimate(), "acceptance": result.acceptance})
+        print(f"{self.name} images {first}-{end}: {seconds:.0f} s ({settings.gradient_dtype} gradients)", flush=True)
+
+    def done(self) -> torch.Tensor:
+        """The AIS values of the chunks there, in image order (the first images, without gaps)."""
+        values = []
+        for path in sorted(self.folder.glob("[0-9]*-[0-9]*.pt")):
+            first = int(path.stem.split("-")[0])
+            if first != sum(len(v) for v in values):
+                break
+            values.append(torch.load(path)["ais"])
+        return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+
+    def summary(self) -> str:
+        estimate = self.done()
+        n = len(estimate)
+        if n == 0:
+            return f"{self.name}: no chunk yet"
+        truth = self.quadrature()[:n].double()
+        difference = paired_difference(estimate, truth)
+        return (
+            f"{self.name}: {n} images, quadrature {mean_stderr(truth)['value']:.3f}, "
+            f"AIS - quadrature {difference['value']:+.3f} (paired stderr {difference['stderr']:.3f})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--chunk", type=int, default=500)
+    parser.add_argument("--n-images", type=int, default=10000)
+    parser.add_argument("--summary", action="store_true")
+    args = parser.parse_args()
+    flush_denormals()
+    checks = [Check(run, args.out, args.n_images) for run in args.runs]
+    if not args.summary:
+        for check in checks:
+            check.quadrature()
+        for first in range(0, args.n_images, args.chunk):
+            end = min(first + args.chunk, args.n_images)
+            for check in checks:
+                if not check.chunk_path(first, end).exists():
+                    check.run_chunk(first, end)
+    for check in checks:
+        print(check.summary())
+
+
+if __name__ == "__main__":
+    main()
