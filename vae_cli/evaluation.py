@@ -275,8 +275,8 @@ def describe(name: str, entry: dict[str, Any], K: int) -> str:
         text = f"k={s['k']} draws from q(z|x), first {s['n_images']} images"
     elif name == "ais":
         text = (
-            f"{s['steps']} steps (sigmoid), {s['chains']} chains, HMC {s['leapfrog']} leapfrog, "
-            f"acceptance {entry['acceptance']:.2f}"
+            f"{s['steps']} steps (sigmoid), {s['chains']} chains, HMC {s['leapfrog']} leapfrog "
+            f"({s.get('gradients', 'float32')} gradients), acceptance {entry['acceptance']:.2f}"  # older eval.json: float32
         )
         if "bdmc" in entry:
             b = entry["bdmc"]
