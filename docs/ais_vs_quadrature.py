@@ -9,7 +9,9 @@ dtype are used, as vae-eval would use them. The chunks go round the runs, so all
 together; each chunk's per-image values are written to OUT/<run>/<first>-<end>.pt and a chunk
 already there is not run again. Every image's draws are seeded by its index, so chunked values
 equal those of one `vae-eval RUN --full` pass. --summary prints, per run, the images done, the
-mean quadrature and AIS minus quadrature with its paired standard error.
+mean quadrature, AIS minus quadrature with its paired standard error, the spread of that
+difference over images (sd, 1% and 99% quantiles, the count over 1 nat low, the worst image) and
+the mean acceptance rate.
 """
 
 from __future__ import annotations
@@ -69,26 +71,36 @@ class Check:
         save(self.chunk_path(first, end), {"ais": result.estimate(), "acceptance": result.acceptance})
         print(f"{self.name} images {first}-{end}: {seconds:.0f} s ({settings.gradient_dtype} gradients)", flush=True)
 
-    def done(self) -> torch.Tensor:
-        """The AIS values of the chunks there, in image order (the first images, without gaps)."""
-        values = []
+    def done(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The AIS values and acceptance rates of the chunks there, in image order (the first
+        images, without gaps)."""
+        chunks = []
         for path in sorted(self.folder.glob("[0-9]*-[0-9]*.pt")):
             first = int(path.stem.split("-")[0])
-            if first != sum(len(v) for v in values):
+            if first != sum(len(chunk["ais"]) for chunk in chunks):
                 break
-            values.append(torch.load(path)["ais"])
-        return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+            chunks.append(torch.load(path))
+        if not chunks:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0)
+        return torch.cat([chunk["ais"] for chunk in chunks]), torch.cat([chunk["acceptance"] for chunk in chunks])
 
     def summary(self) -> str:
-        estimate = self.done()
+        estimate, acceptance = self.done()
         n = len(estimate)
         if n == 0:
             return f"{self.name}: no chunk yet"
         truth = self.quadrature()[:n].double()
         difference = paired_difference(estimate, truth)
+        # The mean hides single images that the chains got wrong; the spread shows them.
+        per_image = estimate.double() - truth
+        low, high = torch.quantile(per_image, torch.tensor([0.01, 0.99], dtype=torch.float64)).tolist()
+        worst = int(per_image.argmin())
         return (
             f"{self.name}: {n} images, quadrature {mean_stderr(truth)['value']:.3f}, "
-            f"AIS - quadrature {difference['value']:+.3f} (paired stderr {difference['stderr']:.3f})"
+            f"AIS - quadrature {difference['value']:+.3f} (paired stderr {difference['stderr']:.3f}); "
+            f"per image: sd {per_image.std():.3f}, 1% {low:+.3f}, 99% {high:+.3f}, "
+            f"{int((per_image < -1).sum())} over 1 nat low, worst image {worst} ({per_image[worst]:+.3f}); "
+            f"acceptance {acceptance.mean():.2f}"
         )
 
 
