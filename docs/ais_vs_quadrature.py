@@ -1,8 +1,8 @@
 """AIS against the exact quadrature on every test image of K=2 runs (README, "How close AIS comes"),
 in chunks that survive an interruption:
 
-    python docs/ais_vs_quadrature.py OUT RUN [RUN ...] [--chunk 500] [--n-images 10000]
-    python docs/ais_vs_quadrature.py OUT RUN [RUN ...] --summary
+    .venv/bin/python docs/ais_vs_quadrature.py OUT RUN [RUN ...] [--chunk 500] [--n-images 10000]
+    .venv/bin/python docs/ais_vs_quadrature.py OUT RUN [RUN ...] --summary
 
 Each run's eval settings (the defaults unless it changed them) and this machine's AIS gradient
 dtype are used, as vae-eval would use them. The chunks go round the runs, so all of them advance
