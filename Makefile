@@ -16,7 +16,7 @@ LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
-.PHONY: setup lock lock-check train demo test lint bench slurm-packages slurm-start slurm-stop clean
+.PHONY: setup lock lock-check train demo test lint readme tour bench slurm-packages slurm-start slurm-stop clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# README's key table, made from the schema (vae_cli/run/keys.py); tests/test_structure.py fails when they differ
+readme: setup
+	$(BIN)/python -m vae_cli.commands.readme README.md
+
+# docs/tour.ipynb from its source docs/tour.py, executed at the small sizes (a few minutes on a CPU)
+tour: setup
+	$(BIN)/python -c "import jupytext; from nbclient import NotebookClient; nb = jupytext.read('docs/tour.py'); \
+		NotebookClient(nb, timeout=1800, kernel_name='python3', resources={'metadata': {'path': 'docs'}}).execute(); \
+		jupytext.write(nb, 'docs/tour.ipynb')"
 
 # ruff (lint and format) and the import contracts of pyproject.toml
 lint: setup

@@ -6,7 +6,7 @@ For jensen, prior_iwae, elbo and iwae at the default config (batch 256, 128 samp
     reference       written straight from the formulas: torch.distributions Bernoulli(logits)
                     .log_prob over a (batch, n_samples, 784) tensor, independent samples per
                     image, a plain nn.Sequential, one forward and backward over the whole batch
-    vae-cli         vae_cli.training.train_step, as `vae-train` runs it
+    vae-cli         vae_cli.stages.training.train_step, as `vae-train` runs it
     vae-cli shared  the same with objective.shared_samples=true (prior objectives only)
     vae-cli compiled  with compile=true (--compile)
     w/o ...         vae-cli with one change taken back (jensen and prior_iwae; not with --quick):
@@ -22,7 +22,10 @@ profiler's memory timeline) and as resident memory (a fresh subprocess per varia
 seconds of the quadrature and importance estimators; then each target of issue 6, met or not.
 Writes bench.json.
 
-    python benchmarks/bench.py [--quick] [--compile] [--compare-shared SECONDS] [--set KEY=VALUE ...]
+    python benchmarks/bench.py [--quick] [--compile] [--set KEY=VALUE ...]
+
+It only times: experiments (shared against independent samples at equal wall time: docs/compare_shared.py)
+live beside the results they make.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,8 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from torch import distributions as dist
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -55,16 +55,19 @@ from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
 import vae_cli
-from vae_cli import pipeline
-from vae_cli.config import data_config, micro_batch_size, model_spec, objective_options, register_configs, validate
-from vae_cli.data import load_data
-from vae_cli.device import describe_device, set_process_speed_settings
+from vae_cli.commands.app import compose_config as compose_app_config
 from vae_cli.errors import DataError
-from vae_cli.evaluation import evaluate
-from vae_cli.models import N_PIXELS, build_model
-from vae_cli.objectives import OBJECTIVES
-from vae_cli.rundir import EVAL, read_json, write_json
-from vae_cli.training import apply_speed_options, train_step
+from vae_cli.maths.models import build_model
+from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.maths.spec import N_PIXELS
+from vae_cli.run.config import data_config, model_spec, objective_options, validate
+from vae_cli.run.data import Images, load_images
+from vae_cli.run.datafiles import SPLIT_SIZES
+from vae_cli.run.files import write_json
+from vae_cli.run.keys import schema_of
+from vae_cli.run.machine import describe_device, set_process_speed_settings
+from vae_cli.stages.evaluation import evaluate
+from vae_cli.stages.training import apply_speed_options, micro_batch_size, train_step
 
 OBJECTIVE_NAMES = ("jensen", "prior_iwae", "elbo", "iwae")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_mkl_linear"}
@@ -84,7 +87,7 @@ TARGET_OTHER_OVER_MATMUL = 0.30
 TARGET_MEMORY_FACTOR = 1.5  # peak over (logits + the activations backward needs)
 TARGET_SHARED_SPEEDUP = 50.0
 TARGET_EVAL_SECONDS = 60.0  # the default K=2 model's end-of-training evaluation, all 10k test images
-FULL_TEST_SET = 10_000
+FULL_TEST_SET = SPLIT_SIZES["test"]
 
 
 # --- configs and data ----------------------------------------------------------------------------
@@ -92,31 +95,30 @@ FULL_TEST_SET = 10_000
 
 def compose_config(args, overrides: list[str]):
     """The config `vae-train` composes from these overrides and the --set ones."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="vae_cli.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides + args.set)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_app_config(overrides + args.set)
     validate(cfg)
     return cfg
 
 
-def load_batches(
-    cfg, n: int, device: torch.device
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, str]:
-    """n training batches, the training pixel means and the test images: MNIST when its files are
-    there, else random binary images (the speed does not depend on the pixel values)."""
+def load_batches(cfg, n: int, device: torch.device) -> tuple[list[torch.Tensor], Images, str]:
+    """n training batches and the images they come from: MNIST when its files are there, else
+    random binary images (the speed does not depend on the pixel values)."""
     try:
-        data = load_data(data_config(cfg), cfg.seed, device)
+        images = load_images(data_config(cfg), cfg.seed, device)
     except DataError as exc:
         g = torch.Generator().manual_seed(0)
         means = torch.rand(N_PIXELS, generator=g) * 0.5
-        batches = [torch.bernoulli(means.expand(cfg.batch_size, N_PIXELS), generator=g).to(device) for _ in range(n)]
-        test = torch.bernoulli(means.expand(1000, N_PIXELS), generator=g).to(device)
-        return batches, means.to(device), test, f"random binary images ({exc})"
-    return [data.batch(cfg.batch_size) for _ in range(n)], data.pixel_means, data.test, data.source
+        test = torch.bernoulli(means.expand(1000, N_PIXELS), generator=g)
+        images = Images(
+            train=test.to(device),
+            test=test.to(device),
+            test_labels=torch.zeros(len(test), dtype=torch.long, device=device),
+            pixel_means=means.to(device),
+            pixel_sd=(means * (1 - means)).sqrt().to(device),
+            binarization="static",
+            source=f"random binary images ({exc})",
+        )
+    return [images.batch(cfg.batch_size) for _ in range(n)], images, images.source
 
 
 # --- the reference step, straight from the formulas ----------------------------------------------
@@ -198,7 +200,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
     if device.type == "cuda":
         overrides.append(f"cuda.tf32={str(args.tf32).lower()}")
     cfg = compose_config(args, overrides)
-    uses_encoder = OBJECTIVES[objective].uses_encoder
+    uses_encoder = schema_of("objective", objective).uses_encoder
     torch.manual_seed(0)
     model = build_model(model_spec(cfg), pixel_means).to(device)
     B, S = cfg.batch_size, cfg.n_samples
@@ -247,7 +249,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
 
 def variant_kinds(objective: str, args) -> list[str]:
     kinds = ["reference", "vae-cli"]
-    if not OBJECTIVES[objective].uses_encoder:
+    if not schema_of("objective", objective).uses_encoder:
         kinds.append("vae-cli shared")
     if args.compile:
         kinds.append("vae-cli compiled")
@@ -337,8 +339,8 @@ def memory_probe(args) -> None:
     device = torch.device(args.device)
     set_process_speed_settings(device, heap=not args.no_heap_tuning)
     cfg = compose_config(args, [f"objective={args.memory_probe[0]}", f"device={device.type}"])
-    batches, means, _, _ = load_batches(cfg, 2, device)
-    v = make_variant(args.memory_probe[1], args.memory_probe[0], args, device, means)
+    batches, images, _ = load_batches(cfg, 2, device)
+    v = make_variant(args.memory_probe[1], args.memory_probe[0], args, device, images.pixel_means)
     v.step(batches[0])
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -402,14 +404,14 @@ def profile_split(v: Variant, batches: list[torch.Tensor], s_per_step: float) ->
 # --- evaluation estimators --------------------------------------------------------------------------
 
 
-def eval_seconds(test: torch.Tensor, pixel_means: torch.Tensor, device: torch.device, args) -> dict[str, Any]:
+def eval_seconds(images: Images, device: torch.device, args) -> dict[str, Any]:
     """Seconds of the end-of-training evaluation of a default K=2 elbo model, as vae-train runs it
-    (vae_cli.evaluation.evaluate at the default eval.* settings), and of each estimator in it."""
+    (vae_cli.stages.evaluation.evaluate at the default eval.* settings), and of each estimator in it."""
     cfg = compose_config(args, ["objective=elbo", f"device={device.type}"])
     cfg.eval.n_images = args.eval_images  # None: the whole test set, as vae-train
     torch.manual_seed(0)
-    model = build_model(model_spec(cfg), pixel_means).to(device)
-    result = evaluate(model, test, cfg.eval)
+    model = build_model(model_spec(cfg), images.pixel_means).to(device)
+    result, _ = evaluate(model, model_spec(cfg), images, cfg.eval)
     estimates = {
         name: {"seconds": e["seconds"], "n_images": e["n_images"], "settings": e["settings"]}
         for name, e in result["estimates"].items()
@@ -447,7 +449,8 @@ def run_bench(args) -> dict[str, Any]:
         device, heap=not args.no_heap_tuning
     )  # as train() does, for every variant alike
     cfg = compose_config(args, [f"device={device.type}"])
-    batches, means, test, source = load_batches(cfg, args.rounds + args.warmup, device)
+    batches, images, source = load_batches(cfg, args.rounds + args.warmup, device)
+    means = images.pixel_means
     variants = [make_variant(kind, o, args, device, means) for o in args.objectives for kind in variant_kinds(o, args)]
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
@@ -485,7 +488,7 @@ def run_bench(args) -> dict[str, Any]:
     median = {(v.objective, v.name): statistics.median(v.wall) for v in variants}
     for v in variants:
         s = median[v.objective, v.name]
-        flops = step_flops(v.cfg, OBJECTIVES[v.objective].uses_encoder, v.shared)
+        flops = step_flops(v.cfg, schema_of("objective", v.objective).uses_encoder, v.shared)
         row = {
             "objective": v.objective,
             "variant": v.name,
@@ -540,7 +543,7 @@ def run_bench(args) -> dict[str, Any]:
         "steps": rows,
     }
     if not args.no_eval:
-        result["eval"] = eval_seconds(test, means, device, args)
+        result["eval"] = eval_seconds(images, device, args)
     result["targets"] = check_targets(rows, device, args.set, result.get("eval"))
     return result
 
@@ -656,68 +659,6 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
-# --- shared against independent samples at equal wall time ---------------------------------------------
-
-
-def compare_shared(args) -> dict[str, Any]:
-    """Train with independent and with shared prior samples for about `seconds` each, through the
-    real vae-train pipeline (steps sized from a timed first few), then compare the final loss and
-    the test log p(x) (quadrature) from each run's own summary.json and eval.json."""
-    device = torch.device(args.device)
-    set_process_speed_settings(device, heap=not args.no_heap_tuning)
-    base = compose_config(args, [f"device={device.type}"])
-    batches, means, _, source = load_batches(base, 4, device)
-    out: dict[str, Any] = {
-        "seconds_per_run": args.compare_shared,
-        "data": source,
-        "device": describe_device(device),
-        "runs": [],
-    }
-    with tempfile.TemporaryDirectory(prefix="vae-cli-bench-") as tmp:
-        for objective in ("jensen", "prior_iwae"):
-            for kind in ("vae-cli", "vae-cli shared"):
-                v = make_variant(kind, objective, args, device, means)
-                v.step(batches[0])  # warm-up
-                start = time.perf_counter()
-                for x in batches[1:]:
-                    v.step(x)
-                sync(device)
-                steps = max(1, int(args.compare_shared / ((time.perf_counter() - start) / 3)))
-                overrides = [
-                    f"objective={objective}",
-                    f"objective.shared_samples={str(v.shared).lower()}",
-                    f"n_train_iters={steps}",
-                    f"checkpoint_every={steps}",
-                    f"device={device.type}",
-                    "progress=false",
-                ]
-                if args.eval_images:
-                    overrides.append(f"eval.n_images={args.eval_images}")
-                run_dir = Path(tmp) / f"{objective}-{'shared' if v.shared else 'independent'}"
-                summary = pipeline.train(compose_config(args, overrides), run_dir)
-                ev = read_json(run_dir / EVAL)
-                run = {
-                    "objective": objective,
-                    "samples": "shared" if v.shared else "independent",
-                    "steps": steps,
-                    "seconds": summary["train_seconds"],
-                    "final_loss": summary["final_loss"],
-                    "final_loss_stderr": summary["final_loss_stderr"],
-                    "test_log_px": ev["log_px"],
-                    "test_log_px_stderr": ev["log_px_stderr"],
-                    "estimator": ev["estimator"],
-                    "n_test_images": ev["n_images"],
-                }
-                out["runs"].append(run)
-                print(
-                    f"{objective:<11} {run['samples']:<12} {steps:6d} steps in {run['seconds']:6.1f} s: final loss "
-                    f"{run['final_loss']:7.2f} +- {run['final_loss_stderr']:.2f}, test log p(x) "
-                    f"{run['test_log_px']:8.2f} +- {run['test_log_px_stderr']:.2f} ({run['estimator']})",
-                    flush=True,
-                )
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up, no ablations, 100 eval images")
@@ -747,13 +688,6 @@ def main(argv: list[str] | None = None) -> None:
         "--eval-images", type=int, default=None, help="test images for the estimators (default all, quick 100)"
     )
     parser.add_argument(
-        "--compare-shared",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="instead: train independent and shared samples for SECONDS each, interleaved, and compare",
-    )
-    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -773,15 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         memory_probe(args)
         return
-    if args.compare_shared is not None:  # into bench.json next to the step timings
-        result = json.loads(args.out.read_text()) if args.out.exists() else {}
-        result["compare_shared"] = compare_shared(args)
-    else:
-        previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-        result = run_bench(args)
-        if "compare_shared" in previous:
-            result["compare_shared"] = previous["compare_shared"]
-        print_table(result)
+    result = run_bench(args)
+    print_table(result)
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

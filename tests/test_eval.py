@@ -9,16 +9,17 @@ import torch
 from helpers import compose_config
 from omegaconf import OmegaConf
 
-from vae_cli.cli import eval_main
-from vae_cli.config import EvalConfig, data_config, importance_sizes, model_spec, validate
-from vae_cli.data import load_data
+from vae_cli.commands.evaluate import main as eval_main
 from vae_cli.errors import ConfigError
-from vae_cli.estimators import importance_sums
-from vae_cli.evaluation import evaluate, format_table
-from vae_cli.models import build_model
-from vae_cli.objectives import OBJECTIVES
-from vae_cli.pipeline import train
-from vae_cli.rundir import CHECKPOINT, EVAL, LOSSES, SUMMARY
+from vae_cli.maths.estimators import importance_sums
+from vae_cli.maths.models import build_model
+from vae_cli.run.config import data_config, model_spec, validate
+from vae_cli.run.data import load_images
+from vae_cli.run.keys import EvalConfig, schema_of
+from vae_cli.run.rundir import CHECKPOINT, EVAL, LOSSES, SUMMARY
+from vae_cli.stages.estimates import importance_sizes
+from vae_cli.stages.evaluation import evaluate, format_table
+from vae_cli.stages.pipeline import train
 
 # Cheap settings (the defaults take seconds even for tiny models on the CPU).
 CHEAP_EVAL = [
@@ -35,9 +36,14 @@ CHEAP_EVAL = [
 
 def tiny_model(objective: str = "elbo", K: int = 2):
     cfg = compose_config([f"objective={objective}", f"K={K}", *CHEAP_EVAL])
-    data = load_data(data_config(cfg), cfg.seed, torch.device("cpu"))
+    images = load_images(data_config(cfg), cfg.seed, torch.device("cpu"))
     torch.manual_seed(0)
-    return cfg, build_model(model_spec(cfg), data.pixel_means), data.test
+    return cfg, build_model(model_spec(cfg), images.pixel_means), images
+
+
+def run_eval(cfg, model, images, **eval_overrides):
+    """evaluate() of the model of cfg on its test images with eval.* overridden: eval.json's dict."""
+    return evaluate(model, model_spec(cfg), images, OmegaConf.merge(cfg.eval, eval_overrides))[0]
 
 
 def numbers(result: dict) -> dict[str, float]:
@@ -98,20 +104,21 @@ def test_vae_eval_reproduces_the_evaluation_from_the_run_files(run, capsys):
 
 
 def test_results_do_not_depend_on_the_batch_size():
-    cfg, model, x = tiny_model()
-    results = [evaluate(model, x, OmegaConf.merge(cfg.eval, {"batch_size": b})) for b in (64, 7)]
+    cfg, model, images = tiny_model()
+    results = [run_eval(cfg, model, images, batch_size=b) for b in (64, 7)]
     assert numbers(results[1]) == pytest.approx(numbers(results[0]), abs=1e-4)
 
 
 def test_a_decoder_that_ignores_z_evaluates_to_the_exact_likelihood():
-    cfg, model, x = tiny_model()
+    cfg, model, images = tiny_model()
+    x = images.test
     with torch.no_grad():
         model.decoder.net[0].weight.zero_()  # the hidden layers, and so the logits, no longer depend on z
         model.encoder.net[-1].weight.zero_()  # q(z|x) = N(0, I) = p(z)
         model.encoder.net[-1].bias.zero_()
-        logits = model.decode(torch.zeros(1, cfg.K))[0]
+        logits = model.decoder(torch.zeros(1, cfg.K))[0]
         exact = (x @ logits - torch.nn.functional.softplus(logits).sum()).mean().item()
-    result = evaluate(model, x, cfg.eval)
+    result = run_eval(cfg, model, images)
     for name, value in numbers(result).items():
         assert value == pytest.approx(0.0 if name.startswith("gap") else exact, abs=2e-3), name
     assert result["active_units"] == 0
@@ -119,9 +126,9 @@ def test_a_decoder_that_ignores_z_evaluates_to_the_exact_likelihood():
 
 
 def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
-    import vae_cli.evaluation as evaluate_module
+    import vae_cli.stages.estimates as evaluate_module
 
-    cfg, model, x = tiny_model("jensen")
+    cfg, model, images = tiny_model("jensen")
     weighted_sums, seen = evaluate_module.weighted_sums, []
 
     def spy(*args, **kwargs):
@@ -132,7 +139,7 @@ def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True  # as training with cuda.tf32=true leaves it
     try:
-        evaluate(model, x, OmegaConf.merge(cfg.eval, {"n_images": 4}))
+        run_eval(cfg, model, images, n_images=4)
         assert seen and not any(seen) and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
@@ -143,12 +150,13 @@ def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
     [("jensen", 2, "quadrature"), ("jensen", 3, "ais"), ("elbo", 3, "ais"), ("iwae", 1, "quadrature")],
 )
 def test_log_px_names_the_best_available_estimator(objective, K, estimator):
-    cfg, model, x = tiny_model(objective, K)
-    result = evaluate(model, x, OmegaConf.merge(cfg.eval, {"n_images": 8}))
+    cfg, model, images = tiny_model(objective, K)
+    result = run_eval(cfg, model, images, n_images=8)
     assert result["estimator"] == estimator and result["n_images"] == 8
-    assert ("importance" in result["estimates"]) == OBJECTIVES[objective].uses_encoder
+    uses_encoder = schema_of("objective", objective).uses_encoder
+    assert ("importance" in result["estimates"]) == uses_encoder
     assert ("quadrature" in result["estimates"]) == (K <= 2)
-    assert (result["gap_elbo"] is None) == (not OBJECTIVES[objective].uses_encoder)
+    assert (result["gap_elbo"] is None) == (not uses_encoder)
     assert result["bounds"]["jensen"]["method"].startswith("quadrature" if K <= 2 else "mean over")
 
 
@@ -181,8 +189,8 @@ def test_broken_run_directories_get_one_line_each(tmp_path, capsys):
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 4 and all(line.startswith("vae-eval: error: ") for line in lines)
-    assert "is not a directory" in lines[0]
-    assert "not a vae-train run directory" in lines[1]
+    assert "does not exist" in lines[0]
+    assert "is neither a vae-train run directory" in lines[1]
     assert "training has not finished" in lines[2]
     assert "checkpoint" in lines[3] and "Traceback" not in "".join(lines)
 
@@ -191,7 +199,7 @@ def test_vae_eval_is_an_installed_console_script():
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "vae-eval"]
-    assert script.value == "vae_cli.cli:eval_main" and script.load() is eval_main
+    assert script.value == "vae_cli.commands.evaluate:main" and script.load() is eval_main
 
 
 @pytest.mark.mnist
@@ -209,11 +217,11 @@ def test_the_mean_image_model_scores_205_8_nats_on_mnist(mnist_root):
             "eval.prior_mc_samples=16",
         ]
     )
-    data = load_data(data_config(cfg), cfg.seed, torch.device("cpu"))
-    model = build_model(model_spec(cfg), data.pixel_means)
+    images = load_images(data_config(cfg), cfg.seed, torch.device("cpu"))
+    model = build_model(model_spec(cfg), images.pixel_means)
     with torch.no_grad():
         model.decoder.net[-1].weight.zero_()
-    result = evaluate(model, data.test, cfg.eval)
+    result = run_eval(cfg, model, images)
     assert result["n_images"] == 10_000
     assert result["log_px"] == pytest.approx(-205.8, abs=0.05)
     for name, value in numbers(result).items():
@@ -223,16 +231,16 @@ def test_the_mean_image_model_scores_205_8_nats_on_mnist(mnist_root):
 def test_importance_on_a_subset_is_the_full_estimate_of_those_images():
     """eval.importance_n_images=16: importance, ELBO and IWAE-k on the first 16 images (draws seeded per
     image, so the same numbers as on those images alone); the gaps are paired on them; quadrature keeps all."""
-    cfg, model, x = tiny_model("elbo")
-    cfg.eval.importance_n_images = 16
-    result = evaluate(model, x, cfg.eval)
+    cfg, model, images = tiny_model("elbo")
+    x = images.test
+    result = run_eval(cfg, model, images, importance_n_images=16)
     assert result["estimates"]["quadrature"]["n_images"] == result["n_images"] == len(x) == 64
     assert result["estimates"]["importance"]["n_images"] == result["bounds"]["elbo"]["n_images"] == 16
     assert result["gap_elbo_n_images"] == 16 and result["gap_jensen_n_images"] == 64
-    alone = importance_sums(model, x[:16], cfg.eval.importance_k, cfg.eval.iwae_k, cfg.eval.seed)
+    alone = importance_sums(model, x[:16], cfg.eval.importance_k, cfg.eval.iwae_k, cfg.eval.seed, cfg.eval.batch_size)
     assert result["estimates"]["importance"]["value"] == pytest.approx(alone.log_px.mean().item(), abs=1e-9)
     assert result["bounds"]["elbo"]["value"] == pytest.approx(alone.elbo.mean().item(), abs=1e-9)
-    assert "first 16 images" in format_table(result)
+    assert "on the first 16 test images only" in format_table(result)
 
 
 def test_the_cpu_default_subset_and_vae_eval_full(run, capsys):

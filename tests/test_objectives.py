@@ -8,16 +8,17 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from vae_cli.models import (
-    Decoder,
-    Encoder,
-    LatentVariableModel,
-    bernoulli_log_likelihood,
+from vae_cli.maths.densities import (
     diagonal_normal_log_prob,
     kl_to_standard_normal,
+    log_mean_exp,
     standard_normal_log_prob,
 )
-from vae_cli.objectives import OBJECTIVES, log_mean_exp
+from vae_cli.maths.likelihoods import Bernoulli as BernoulliPixels
+from vae_cli.maths.likelihoods import bernoulli_log_likelihood
+from vae_cli.maths.models import Decoder, Encoder, LatentVariableModel
+from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.run.keys import schema_of
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,16 @@ def _float64():
 
 def tiny_model(K: int = 2, encoder: bool = True) -> LatentVariableModel:
     torch.manual_seed(0)
-    return LatentVariableModel(K, Decoder(K, 8, 2, "elu"), Encoder(K, 8, 2, "elu") if encoder else None)
+    return LatentVariableModel(
+        K, Decoder(K, 8, 2, "elu"), BernoulliPixels(), Encoder(K, 8, 2, "elu") if encoder else None
+    )
+
+
+OPTIONS = {
+    "jensen": {"shared_samples": False},
+    "prior_iwae": {"shared_samples": False},
+    "exact": {"grid_points": 16, "half_width": 6.0},
+}
 
 
 def tiny_batch(B: int = 5) -> torch.Tensor:
@@ -40,7 +50,12 @@ def tiny_batch(B: int = 5) -> torch.Tensor:
 
 def test_registry_holds_the_five_objectives():
     assert set(OBJECTIVES) == {"jensen", "prior_iwae", "elbo", "iwae", "exact"}
-    assert [OBJECTIVES[n].uses_encoder for n in ("jensen", "prior_iwae", "elbo", "iwae")] == [False, False, True, True]
+    assert [schema_of("objective", n).uses_encoder for n in ("jensen", "prior_iwae", "elbo", "iwae")] == [
+        False,
+        False,
+        True,
+        True,
+    ]
 
 
 def test_bernoulli_log_likelihood_matches_torch_distributions():
@@ -65,10 +80,10 @@ def test_normal_log_densities_match_torch_distributions():
 def test_jensen_is_minus_mean_log_likelihood_of_prior_samples():
     model, x = tiny_model(encoder=False), tiny_batch()
     torch.manual_seed(3)
-    out = OBJECTIVES["jensen"](model, x, 7)
+    out = OBJECTIVES["jensen"](model, x, 7, shared_samples=False)
     torch.manual_seed(3)
     z = torch.randn(5, 7, 2)
-    log_px_z = Bernoulli(logits=model.decode(z)).log_prob(x.unsqueeze(1)).sum(-1)
+    log_px_z = Bernoulli(logits=model.decoder(z)).log_prob(x.unsqueeze(1)).sum(-1)
     torch.testing.assert_close(out.loss, -log_px_z.mean())
     torch.testing.assert_close(out.terms["lme"], -(torch.logsumexp(log_px_z, 1) - math.log(7)).mean())
 
@@ -76,14 +91,14 @@ def test_jensen_is_minus_mean_log_likelihood_of_prior_samples():
 def test_prior_iwae_with_one_sample_equals_jensen():
     model, x = tiny_model(encoder=False), tiny_batch()
     torch.manual_seed(4)
-    jensen = OBJECTIVES["jensen"](model, x, 1).loss
+    jensen = OBJECTIVES["jensen"](model, x, 1, shared_samples=False).loss
     torch.manual_seed(4)
-    prior_iwae = OBJECTIVES["prior_iwae"](model, x, 1).loss
+    prior_iwae = OBJECTIVES["prior_iwae"](model, x, 1, shared_samples=False).loss
     torch.testing.assert_close(prior_iwae, jensen)
 
 
 def test_prior_iwae_is_a_tighter_bound_than_jensen_on_the_same_samples():
-    out = OBJECTIVES["prior_iwae"](tiny_model(encoder=False), tiny_batch(), 16)
+    out = OBJECTIVES["prior_iwae"](tiny_model(encoder=False), tiny_batch(), 16, shared_samples=False)
     assert out.loss <= out.terms["jensen"]  # log-mean-exp >= mean (Jensen's inequality)
 
 
@@ -102,7 +117,7 @@ def test_elbo_is_reconstruction_plus_closed_form_kl():
     mu, logvar = model.encode(x)
     torch.manual_seed(5)
     z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * torch.randn(5, 3, 2)
-    recon = -Bernoulli(logits=model.decode(z)).log_prob(x.unsqueeze(1)).sum(-1).mean()
+    recon = -Bernoulli(logits=model.decoder(z)).log_prob(x.unsqueeze(1)).sum(-1).mean()
     kl = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(-1).mean()
     torch.testing.assert_close(out.terms["recon"], recon)
     torch.testing.assert_close(out.terms["kl"], kl)
@@ -118,7 +133,7 @@ def test_iwae_is_minus_log_mean_importance_weight():
     q = Normal(mu.unsqueeze(1), torch.exp(0.5 * logvar).unsqueeze(1))
     z = mu.unsqueeze(1) + q.scale * torch.randn(5, 9, 2)
     log_w = (
-        Bernoulli(logits=model.decode(z)).log_prob(x.unsqueeze(1)).sum(-1)
+        Bernoulli(logits=model.decoder(z)).log_prob(x.unsqueeze(1)).sum(-1)
         + Normal(0.0, 1.0).log_prob(z).sum(-1)
         - q.log_prob(z).sum(-1)
     )
@@ -127,7 +142,7 @@ def test_iwae_is_minus_log_mean_importance_weight():
 
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_objective_gives_finite_gradients_to_every_parameter(name):
-    model = tiny_model(encoder=OBJECTIVES[name].uses_encoder)
-    OBJECTIVES[name](model, tiny_batch(), 4).loss.backward()
+    model = tiny_model(encoder=schema_of("objective", name).uses_encoder)
+    OBJECTIVES[name](model, tiny_batch(), 4, **OPTIONS.get(name, {})).loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname

@@ -14,12 +14,15 @@ import torch
 from helpers import compose_config
 from PIL import Image
 
-from vae_cli import compare, figures_sweep
-from vae_cli.cli import plot_main
+from vae_cli.commands.plot import main as plot_main
 from vae_cli.errors import DataError
-from vae_cli.models import Decoder, LatentVariableModel, bernoulli_log_likelihood
-from vae_cli.pipeline import train
-from vae_cli.plotting import MANIFOLD_GRID, GridPosterior, grid_pixels, grid_posterior, zoom_window
+from vae_cli.maths.grid_posterior import GridPosterior, grid_posterior, zoom_window
+from vae_cli.maths.likelihoods import Bernoulli, bernoulli_log_likelihood
+from vae_cli.maths.models import Decoder, LatentVariableModel
+from vae_cli.run.rundir import collect
+from vae_cli.stages import comparison, drawing_sweep
+from vae_cli.stages.drawing import MANIFOLD_GRID, grid_pixels
+from vae_cli.stages.pipeline import train
 
 LATENT_FIGURES = ("manifold.png", "posterior.png", "encoded.png")
 
@@ -108,7 +111,7 @@ def test_latent_figures_are_skipped_with_a_note_when_test_data_are_unavailable(e
     def unavailable(self, cfg):
         raise DataError("mnist files missing (t10k-images-idx3-ubyte)")
 
-    monkeypatch.setattr("vae_cli.figures.TestImages.get", unavailable)
+    monkeypatch.setattr("vae_cli.stages.figures.TestImages.get", unavailable)
     out = tmp_path / "figures"
     plot_main([str(elbo_run), "--out", str(out)])
     assert (out / "manifold.png").exists()  # needs no data
@@ -172,10 +175,10 @@ def test_comparison_of_a_sweep_rows_columns_and_figures(tmp_path, capsys):
     (sweep / "4" / ".hydra").mkdir(parents=True)  # a job that failed before training
     (sweep / ".submitit").mkdir()
 
-    runs, skipped = compare.collect([sweep])
+    runs, skipped = collect([sweep])
     assert [r.name for r in runs] == ["0", "1", "2", "3"]
     assert len(skipped) == 1 and "job not started, or failed before training" in skipped[0]
-    assert compare.differing_keys(runs) == ["objective", "n_samples"]
+    assert comparison.differing_keys(runs) == ["objective", "n_samples"]
 
     plot_main([str(sweep)])
     with open(sweep / "comparison.csv") as f:
@@ -216,13 +219,13 @@ def test_metrics_against_k_legend_names_every_objective(tmp_path, monkeypatch):
             gap_elbo = {"gap_elbo": 3.0, "gap_elbo_stderr": 0.1} if objective == "elbo" else {}
             fake_run(tmp_path / f"{objective}-{K}", [f"objective={objective}", f"K={K}", *extra], 150.0,
                      evaluation={**evaluation, **gap_elbo})  # fmt: skip
-    runs, _ = compare.collect(sorted(tmp_path.iterdir()))
+    runs, _ = collect(sorted(tmp_path.iterdir()))
     drawn = []
-    monkeypatch.setattr(figures_sweep, "save_figure", lambda fig, path: drawn.append(fig))
-    figures_sweep.save_metrics_against(runs, "K", tmp_path / "vs_K.png")
+    monkeypatch.setattr(drawing_sweep, "save_figure", lambda fig, path: drawn.append(fig))
+    drawing_sweep.save_metrics_against(comparison.compare(runs), "K", tmp_path / "vs_K.png")
     (fig,) = drawn
     panels = [ax.get_ylabel() for ax in fig.axes]
-    assert panels == [figures_sweep.METRIC_LABELS[m] for m in ("final_loss", "log_px", "gap_jensen", "gap_elbo")]
+    assert panels == [drawing_sweep.METRIC_LABELS[m] for m in ("final_loss", "log_px", "gap_jensen", "gap_elbo")]
     assert len(fig.axes[-1].lines) < len(fig.axes[0].lines)  # gap_elbo: the elbo line only
     legend = [text.get_text() for text in fig.axes[-1].get_legend().get_texts()]
     assert legend == ["objective=elbo", "objective=jensen, objective.shared_samples=true"]
@@ -232,10 +235,10 @@ def test_posterior_of_a_decoder_that_ignores_z_is_the_prior():
     """x independent of z: p(z|x) = p(z), and the grid's log p(x) is log p(x|z) plus the log of the
     prior mass inside [-3, 3]^2."""
     torch.manual_seed(0)
-    decoder = Decoder(K=2, hidden=8, depth=1, activation="elu")
+    decoder = Decoder(2, 8, 1, "elu")
     with torch.no_grad():
         decoder.net[-1].weight.zero_()
-    model = LatentVariableModel(2, decoder)
+    model = LatentVariableModel(2, decoder, Bernoulli())
     x = torch.bernoulli(torch.full((3, 784), 0.3))
     post = grid_posterior(model, x, n=61)
     assert torch.allclose(torch.tensor(post.log_posterior), torch.tensor(post.log_prior).expand(3, -1, -1), atol=1e-5)
@@ -252,8 +255,8 @@ def test_zoom_window_resolves_a_sharp_posterior_and_keeps_a_broad_one():
     spike[0, 40, 10] = 0.0  # all the mass in one cell: z1 = axis[10], z2 = axis[40]
     broad = np.log(np.full((1, n, n), 1.0 / n**2, dtype=np.float32))
     flat_prior = broad[0]
-    (c1, c2), half = zoom_window(GridPosterior(axis, axis, flat_prior, spike, np.zeros(1)), 0)
+    (c1, c2), half = zoom_window(GridPosterior(axis, axis, flat_prior, spike, np.zeros(1), np.zeros(1)), 0)
     assert math.isclose(c1, axis[10], abs_tol=1e-5) and math.isclose(c2, axis[40], abs_tol=1e-5)
     assert math.isclose(half, 2 * (axis[1] - axis[0]), rel_tol=1e-5)
-    (c1, c2), half = zoom_window(GridPosterior(axis, axis, flat_prior, broad, np.zeros(1)), 0)
+    (c1, c2), half = zoom_window(GridPosterior(axis, axis, flat_prior, broad, np.zeros(1), np.zeros(1)), 0)
     assert abs(c1) < 1e-5 and abs(c2) < 1e-5 and half == 3.0

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, TINY, assert_same_run, check_jobs, compose_config, read_table, run_cli
+from helpers import BIN, TINY, assert_same_run, check_jobs, compose_config, read_table, run_cli, skip_figures
 
-import vae_cli.figures
-from vae_cli.pipeline import train
-from vae_cli.rundir import LOSSES
+from vae_cli.run.rundir import LOSSES
+from vae_cli.stages.pipeline import train
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -98,7 +97,7 @@ def cluster(tmp_path_factory):
 def one_thread(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    monkeypatch.setattr(vae_cli.figures, "draw_run_dir", lambda *a, **k: None)  # not compared; seconds each
+    skip_figures(monkeypatch)  # not compared; seconds each
     yield
     torch.set_num_threads(threads)
 
@@ -173,6 +172,7 @@ def submitit_log(sweep_dir: Path) -> str:
 
 
 def test_a_sweep_runs_as_slurm_jobs_then_vae_plot(cluster, tmp_path):
+    """No signal: the launcher's time limit is an hour."""
     sweep_dir = tmp_path / "sweep"
     started = time.perf_counter()
     code, err = finish(
@@ -207,7 +207,9 @@ def _stopped_then_resumed(tmp_path, overrides: list[str], stop) -> tuple[Path, s
 
 
 def test_a_preempted_job_is_requeued_and_ends_as_a_run_never_stopped(cluster, tmp_path, one_thread):
-    """SLURM's preemption signal (scancel --signal=USR2, as a preempting scheduler sends it) mid-training."""
+    """SLURM's preemption signal (scancel --signal=USR2, as a preempting scheduler sends it) mid-training:
+    sent once losses.csv has 300 rows, so the job's handlers are in place (the requeued start gets no
+    signal; its time limit is an hour)."""
 
     def preempt(proc, run_dir, job):
         wait_for_rows(proc, run_dir, 300)
@@ -222,8 +224,11 @@ def test_a_preempted_job_is_requeued_and_ends_as_a_run_never_stopped(cluster, tm
 
 
 def test_a_timed_out_job_is_requeued_and_ends_as_a_run_never_stopped(cluster, tmp_path, one_thread):
-    """timeout_min=1: SLURM itself signals the job 20 s before its time limit (SLURM checks limits
-    every 30 s, so the signal comes 20 to 50 s after a start); submitit counts it as a timeout,
+    """timeout_min=1, signal_delay_s=20: SLURM itself signals the job about 20 s before its time limit
+    (it checks limits every 30 s: the signal came 20 to 50 s after a start here). No signal can reach a
+    job before it has installed its handler: submitit installs it as soon as it has unpickled the job,
+    about a second after a start even under load, because the pickle names vae-train's command module,
+    which imports no torch (tests/test_structure.py pins that). submitit counts the signal as a timeout,
     requeues, and the job resumes, as often as it takes."""
 
     overrides = [
@@ -231,7 +236,7 @@ def test_a_timed_out_job_is_requeued_and_ends_as_a_run_never_stopped(cluster, tm
         "n_train_iters=2500",
         "hydra.launcher.timeout_min=1",
         "hydra.launcher.signal_delay_s=20",
-        "hydra.launcher.max_num_timeout=20",
+        "hydra.launcher.max_num_timeout=30",
     ]
     sweep_dir, job, seconds = _stopped_then_resumed(tmp_path, overrides, lambda *args: None)
     starts = accounting(job)
@@ -246,6 +251,7 @@ STOPPED = {"cancelled": "scancel", "failing": "submission"}
 
 @pytest.mark.parametrize("how", ["cancelled", "failing"])
 def test_a_cancelled_or_failing_job_ends_the_sweep_with_one_line(cluster, tmp_path, how):
+    """scancel once losses.csv has 100 rows (training, its handlers in place); the failing job gets no signal."""
     sweep_dir = tmp_path / "sweep"
     if how == "cancelled":
         proc = sweep([*LONG, "n_train_iters=100000"], sweep_dir)

@@ -14,19 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Bernoulli
 
-from vae_cli.config import micro_batch_size, model_spec, validate
-from vae_cli.device import set_process_speed_settings
 from vae_cli.errors import ConfigError
-from vae_cli.models import (
-    Decoder,
-    LatentVariableModel,
-    bernoulli_log_likelihood,
-    bernoulli_log_likelihood_shared,
-    build_model,
-)
-from vae_cli.objectives import OBJECTIVES
-from vae_cli.pipeline import train
-from vae_cli.training import train_step
+from vae_cli.maths.likelihoods import Bernoulli as BernoulliPixels
+from vae_cli.maths.likelihoods import bernoulli_log_likelihood, bernoulli_log_likelihood_shared
+from vae_cli.maths.models import Decoder, LatentVariableModel, build_model
+from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.run.config import model_spec, validate
+from vae_cli.run.machine import check_machine, set_process_speed_settings
+from vae_cli.stages.pipeline import train
+from vae_cli.stages.training import micro_batch_size, train_step
+
+OPTIONS = {"jensen": {"shared_samples": False}, "elbo": {}}
 
 
 def plain_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -125,7 +123,7 @@ def test_in_place_activations_give_the_out_of_place_values_and_gradients(activat
 
 def tiny_prior_model() -> LatentVariableModel:
     torch.manual_seed(0)
-    return LatentVariableModel(2, Decoder(2, 16, 2, "elu"))
+    return LatentVariableModel(2, Decoder(2, 16, 2, "elu"), BernoulliPixels())
 
 
 @pytest.mark.parametrize("name", ["jensen", "prior_iwae"])
@@ -135,8 +133,8 @@ def test_shared_samples_use_one_set_of_draws_for_the_batch(name, make_cfg):
     torch.manual_seed(3)
     out = OBJECTIVES[name](model, x, S, shared_samples=options)
     torch.manual_seed(3)
-    z = model.sample_prior(S)  # the same draws, decoded once and expanded to every image
-    log_px_z = plain_log_likelihood(x, model.decode(z).expand(5, S, 784))
+    z = model.prior_sample(S)  # the same draws, decoded once and expanded to every image
+    log_px_z = plain_log_likelihood(x, model.decoder(z).expand(5, S, 784))
     if name == "jensen":
         expected = -log_px_z.mean()
     else:
@@ -158,7 +156,7 @@ def test_shared_samples_have_the_expectation_of_independent_samples(make_cfg):
     torch.manual_seed(4)
     with torch.no_grad():
         shared = torch.stack([OBJECTIVES["jensen"](model, x, 8, shared_samples=options).loss for _ in range(200)])
-        independent = torch.stack([OBJECTIVES["jensen"](model, x, 8).loss for _ in range(200)])
+        independent = torch.stack([OBJECTIVES["jensen"](model, x, 8, shared_samples=False).loss for _ in range(200)])
     se = (shared.var() / 200 + independent.var() / 200).sqrt()
     assert abs(shared.mean() - independent.mean()) < 5 * se
 
@@ -187,8 +185,11 @@ def test_train_step_with_shared_samples_uses_the_whole_batch(make_cfg):
     ],
 )
 def test_speed_options_refused_where_they_do_not_apply(make_cfg, overrides, message):
+    """Each refused in one line: by its rule (validate) or by what this machine allows (check_machine)."""
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        validate(make_cfg(overrides))
+        cfg = make_cfg(overrides)
+        validate(cfg)
+        check_machine(cfg)
 
 
 def test_encoder_objectives_have_no_shared_samples_key(make_cfg):
@@ -263,21 +264,21 @@ def test_a_bf16_step_is_the_float32_step_within_bf16_rounding(objective, make_cf
         model = build_model(model_spec(cfg))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         torch.manual_seed(1)
-        losses.append(train_step(model, opt, OBJECTIVES[objective], x, 4, 16, None, autocast)["loss"])
+        losses.append(train_step(model, opt, OBJECTIVES[objective], x, 4, 16, OPTIONS[objective], autocast)["loss"])
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert losses[1] == pytest.approx(losses[0], rel=2e-3)  # bf16 keeps 8 bits of mantissa in the products
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 def test_cpu_bf16_is_refused_without_native_bf16(make_cfg, monkeypatch):
-    monkeypatch.setattr("vae_cli.config.cpu_has_bf16", lambda: False)
-    with pytest.raises(ConfigError, match=r"cpu.bf16=True: this CPU has no native bf16 instructions"):
-        validate(make_cfg(["cpu.bf16=true"]))
-    monkeypatch.setattr("vae_cli.config.cpu_has_bf16", lambda: True)
-    validate(make_cfg(["cpu.bf16=true"]))
+    monkeypatch.setattr("vae_cli.run.machine.cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match=r"cpu.bf16=true: this CPU has no native bf16 instructions"):
+        check_machine(make_cfg(["cpu.bf16=true"]))
+    monkeypatch.setattr("vae_cli.run.machine.cpu_has_bf16", lambda: True)
+    check_machine(make_cfg(["cpu.bf16=true"]))
 
 
 def test_cpu_bf16_run_records_it(make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr("vae_cli.config.cpu_has_bf16", lambda: True)  # autocast runs (emulated) on any CPU
+    monkeypatch.setattr("vae_cli.run.machine.cpu_has_bf16", lambda: True)  # autocast runs (emulated) on any CPU
     summary = train(make_cfg(["cpu.bf16=true", "n_train_iters=3"]), run_dir=tmp_path / "run")
     assert summary["speed_options"]["bf16"] is True and summary["status"] == "completed"

@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from vae_cli.callbacks import sweep_job_overrides
-from vae_cli.config import validate
-from vae_cli.plotting import MANIFOLD_GRID, grid_pixels
+from vae_cli.commands.callbacks import sweep_job_overrides
+from vae_cli.run.config import validate
+from vae_cli.stages.drawing import MANIFOLD_GRID, grid_pixels
 
 TINY_NO_SAMPLES = [o for o in TINY if not o.startswith("n_samples=")]
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread each is faster than fighting over the cores

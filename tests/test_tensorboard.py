@@ -9,33 +9,26 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY, compose_config, run_cli, vae_train
+from helpers import TINY, Crash, at_step, compose_config, crash, run_cli, skip_figures, vae_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-import vae_cli.figures
-import vae_cli.training
-from vae_cli.config import LOGGERS
-from vae_cli.evaluation import evaluate_run
-from vae_cli.objectives import OBJECTIVES
-from vae_cli.pipeline import train
-from vae_cli.rundir import EVAL, LOSSES, SUMMARY, read_losses
-from vae_cli.tracking import FINAL, GRID_SIDE, MEANS, SAMPLES, TRAIN
-from vae_cli.tracking import LOGGERS as TRACKERS
+from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.run.keys import LOGGERS
+from vae_cli.run.rundir import EVAL, LOSSES, SAMPLE_GRID, SUMMARY, read_losses
+from vae_cli.stages.evaluation import evaluate_run
+from vae_cli.stages.pipeline import train
+from vae_cli.stages.tracking import FINAL, MEANS, SAMPLES, TRACKERS, TRAIN
 
 RUN = ["logger=tensorboard", "n_train_iters=12", "checkpoint_every=5"]
 ALL = {"scalars": 0, "images": 0, "tensors": 0}  # keep every event, not a sample
 
 
-class Crash(BaseException):
-    """Stands in for a kill inside the process."""
-
-
 @pytest.fixture
 def no_figures(monkeypatch):
-    monkeypatch.setattr(vae_cli.figures, "draw_run_dir", lambda *a, **k: None)
+    skip_figures(monkeypatch)  # not compared; seconds each
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -66,7 +59,7 @@ def test_events_hold_the_csv_the_grids_the_evaluation_and_the_hparams(tmp_path, 
     assert set(OBJECTIVES["prior_iwae"].terms) <= {t[len(TRAIN) :] for t in events(run_dir).Tags()["scalars"]}
 
     accumulator = events(run_dir)
-    side = GRID_SIDE * 28 + (GRID_SIDE + 1) * 2  # tiles and the 2-pixel lines around them
+    side = SAMPLE_GRID * 28 + (SAMPLE_GRID + 1) * 2  # tiles and the 2-pixel lines around them
     for tag in (SAMPLES, MEANS):
         images = accumulator.Images(tag)
         assert [i.step for i in images] == [0, 5, 10, 12], tag  # step 0, every checkpoint, the last step
@@ -100,15 +93,8 @@ def test_a_resumed_run_shows_each_step_once(tmp_path, no_figures, monkeypatch):
     """Stopped after step 7 (checkpoint at 5, steps 6 and 7 in the old event file), then resumed:
     TensorBoard shows steps 1..12 once, with the values of the final losses.csv."""
     run_dir = tmp_path / "run"
-    real_step, calls = vae_cli.training.train_step, iter(range(1, 100))
-
-    def train_step(*args, **kwargs):
-        if next(calls) == 8:
-            raise Crash
-        return real_step(*args, **kwargs)
-
     with monkeypatch.context() as mp:
-        mp.setattr(vae_cli.training, "train_step", train_step)
+        at_step(mp, 8, crash)
         with pytest.raises(Crash):
             train(compose_config(RUN), run_dir)
     train(compose_config(RUN + [f"resume={run_dir}"]), run_dir, changed=[])

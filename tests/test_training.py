@@ -8,14 +8,16 @@ import matplotlib.image
 import pytest
 import torch
 
-from vae_cli.config import data_config, micro_batch_size, model_spec
-from vae_cli.data import load_data
 from vae_cli.errors import RunDirError
-from vae_cli.models import Decoder, LatentVariableModel, build_model
-from vae_cli.objectives import OBJECTIVES, Loss, Objective
-from vae_cli.pipeline import train
-from vae_cli.rundir import load_checkpoint, read_losses
-from vae_cli.training import train_step
+from vae_cli.maths.likelihoods import Bernoulli
+from vae_cli.maths.models import Decoder, LatentVariableModel, build_model
+from vae_cli.maths.objectives import OBJECTIVES, Loss, Objective
+from vae_cli.run.checkpoint import load_checkpoint
+from vae_cli.run.config import data_config, model_spec
+from vae_cli.run.data import load_images
+from vae_cli.run.rundir import read_losses
+from vae_cli.stages.pipeline import train
+from vae_cli.stages.training import micro_batch_size, train_step
 
 SUMMARY_KEYS = {
     "objective",
@@ -70,7 +72,7 @@ def test_every_layer_is_sized_from_K(make_cfg, tmp_path, K):
 
 def test_decoder_starts_at_the_mean_image_model(make_cfg, tmp_path):
     cfg = make_cfg()
-    data = load_data(data_config(cfg), cfg.seed, torch.device("cpu"))
+    data = load_images(data_config(cfg), cfg.seed, torch.device("cpu"))
     model = build_model(model_spec(cfg), data.pixel_means)
     last = model.decoder.net[-1]
     torch.testing.assert_close(torch.sigmoid(last.bias), data.pixel_means.clamp(1e-4, 1 - 1e-4))
@@ -98,12 +100,12 @@ def test_micro_batches_accumulate_the_same_gradient():
     def fixed_z(model, x, n_samples, options=None):
         return Loss(-model.log_px_given_z(x, z.expand(len(x), -1, -1)).mean())
 
-    objective = Objective("fixed", False, (), fixed_z)
+    objective = Objective("fixed", fixed_z, "a fixed z", {})
     x = torch.bernoulli(torch.full((12, 784), 0.2))
     grads = []
     for micro_batch in (12, 3):
         torch.manual_seed(1)
-        model = LatentVariableModel(2, Decoder(2, 8, 2, "elu"))
+        model = LatentVariableModel(2, Decoder(2, 8, 2, "elu"), Bernoulli())
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         row = train_step(model, opt, objective, x, 3, micro_batch)
         grads.append((row["loss"], [p.grad.clone() for p in model.parameters()]))

@@ -1,0 +1,1 @@
+"""The console scripts vae-train, vae-eval and vae-plot, with Hydra and the error boundary."""

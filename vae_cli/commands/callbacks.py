@@ -1,0 +1,129 @@
+"""Hydra's side of vae-train: the overrides as plain keys, the check of every job's config before
+Hydra creates any directory, and the comparison of the runs when a multirun ends."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+
+# BasicSweeper.split_arguments is how Hydra expands sweep overrides into jobs; no public API
+# expands them without launching the jobs.
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vae_cli.commands.app import check_overrides
+from vae_cli.errors import Abort, ConfigError, UserError
+from vae_cli.run.files import check_creatable
+from vae_cli.run.preflight import preflight
+from vae_cli.stages.comparison import write_sweep_comparison
+
+log = logging.getLogger(__name__)
+
+# The claim (the run directory's lock and where the run starts) that on_run_start made for a
+# single run, by run directory, for the task function (vae_cli.commands.train) to take: the run is
+# checked and its directory held before Hydra writes into it.
+_claims: dict[Path, Any] = {}
+
+
+def changed_keys(overrides: list[str]) -> list[str]:
+    """The config keys the overrides set, dotted (`objective` for a group choice `objective=elbo`)."""
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    return [override.key_or_group.replace("/", ".") for override in parsed]
+
+
+def task_overrides(hydra_node: DictConfig) -> list[str]:
+    """The command line's overrides as typed (`data.root=${oc.env:X}` is not resolved here)."""
+    return [str(o) for o in OmegaConf.to_container(hydra_node.overrides.task, resolve=False)]
+
+
+def absolute(path: str | Path) -> Path:
+    """The path as Hydra's runtime.output_dir has it (os.path.abspath: `a/../b` is `b`)."""
+    return Path(os.path.abspath(path))
+
+
+def take_claim(run_dir: Path) -> Any:
+    return _claims.pop(absolute(run_dir), None)
+
+
+def sweep_job_overrides(config: DictConfig) -> list[list[str]]:
+    """The override lists of every job a basic-sweeper multirun will launch, as Hydra expands them."""
+    # As BasicSweeper.sweep: the sweeper's params (e.g. from a +sweep preset) first, so that the
+    # command line's overrides of the same keys win.
+    params = config.hydra.sweeper.get("params") or {}
+    overrides = [f"{key}={value}" for key, value in params.items()]
+    overrides += task_overrides(config.hydra)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+class ValidateBeforeRun(Callback):
+    """Refuse a bad config before Hydra writes anything, and hold the run directory; for a multirun,
+    check every job first."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = absolute(str(config.hydra.run.dir))
+        try:
+            source = preflight(config, run_dir)
+            # The stages and torch, only now that the config has been checked: refusals never wait for them.
+            from vae_cli.stages import pipeline
+
+            changed = changed_keys(task_overrides(config.hydra))
+            _claims[run_dir] = pipeline.claim_run(config, run_dir, changed, source)
+        except UserError as exc:
+            raise Abort(exc) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            check_creatable(sweep_dir, "sweep directory")
+            jobs = []
+            for number, job in enumerate(sweep_job_overrides(config)):
+                check_overrides(job)
+                job_config = compose(config_name=config.hydra.job.config_name, overrides=job)
+                if job_config.resume is not None:
+                    raise ConfigError(
+                        f"invalid value resume={job_config.resume!r} with --multirun: resume one run at "
+                        "a time (vae-train resume=RUN_DIR)"
+                    )
+                preflight(job_config, sweep_dir / str(number))  # hydra.sweep.subdir is the job's number
+                jobs.append(job_config)
+            if runs_here(config):
+                # The stages and torch, only now that every job's config has been checked.
+                from vae_cli.stages import pipeline
+
+                for job_config in jobs:
+                    pipeline.check_job(job_config)
+        except UserError as exc:
+            raise Abort(exc) from None
+        except (HydraException, OmegaConfBaseException) as exc:  # Hydra would turn these into a warning
+            raise Abort(ConfigError(" ".join(str(exc).split()))) from None
+
+
+def runs_here(config: DictConfig) -> bool:
+    """The launcher runs the jobs on this machine, so its device and memory are theirs (a SLURM job's
+    node checks them when the job starts)."""
+    return "slurm" not in str(config.hydra.launcher.get("_target_", "")).lower()
+
+
+class CompareAfterMultirun(Callback):
+    """At the end of a multirun, write comparison.csv and comparison.md into the sweep directory.
+    Never fails the sweep: a problem becomes one warning line (the jobs' results are on disk)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            write_sweep_comparison(Path(str(config.hydra.sweep.dir)))
+        except Exception as exc:
+            log.warning(
+                "comparison.csv not written (%s: %s); `vae-plot %s` writes it later",
+                type(exc).__name__,
+                exc,
+                config.hydra.sweep.dir,
+            )

@@ -1,0 +1,1 @@
+"""The maths: models, likelihoods, objectives, estimators. torch only (no Hydra, omegaconf or matplotlib)."""

@@ -1,0 +1,376 @@
+"""The estimators of log p(x) as the evaluation runs them: which of them run for a model (`plan`),
+with what settings and on how many images, each one's run over the test images, and the memory each
+needs, so that the check before a run counts exactly what will run. A registry of small functions:
+ESTIMATORS[name] = Estimator(applies, plan, run, memory); the maths is in vae_cli.maths."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vae_cli.errors import ConfigError
+from vae_cli.maths.ais import SIGMOID_SCALE, TARGET_ACCEPTANCE, AISSettings, ais, bdmc
+from vae_cli.maths.densities import quadrature_grid
+from vae_cli.maths.estimators import encoder_statistics, importance_sums, weighted_sums
+from vae_cli.maths.linear_gaussian import LinearGaussian
+from vae_cli.maths.models import LatentVariableModel
+from vae_cli.maths.spec import FLOAT_BYTES, N_PIXELS, QUADRATURE_MAX_K, ModelSpec
+from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES
+from vae_cli.run.machine import available_bytes, has_native_bf16
+
+# AIS decodes this many times eval.batch_size latents a pass: on the 2-core CPU its bf16 passes of
+# 1000 latents (62 images x 16 chains) ran 30% slower than passes of 2000; float32 ones 4% slower.
+AIS_LATENTS_PER_BATCH_IMAGE = 2
+
+
+def mean_stderr(values: torch.Tensor) -> dict[str, float]:
+    values = values.double().cpu()
+    n = len(values)
+    stderr = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return {"value": float(values.mean()), "stderr": stderr}
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """Mean and stderr of a - b per image, on the images both have (the first n), and n."""
+    n = min(len(a), len(b))
+    return {**mean_stderr(a[:n].double() - b[:n].double()), "n_images": n}
+
+
+def points_per_dim(total: int, K: int) -> int:
+    return max(2, int(round(total ** (1 / K))))
+
+
+@contextmanager
+def float32_matmuls():
+    """Full float32 matmuls while evaluating, even after training with TF32 ones (cuda.tf32=true):
+    TF32's 10-bit mantissa moves a sum of 784 logits by tenths of a nat."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class Stopwatch:
+    """Seconds since the last call, the device synchronized so queued GPU work is counted."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last = time.perf_counter()
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+# --- the sizes of each estimator ------------------------------------------------------------------
+
+
+def _subset(n: int, n_images: int) -> int:
+    """The first n of n_images images (0: all of them)."""
+    return n_images if n == 0 else min(n, n_images)
+
+
+def _per_device(value: int | None, default, device: torch.device) -> int:
+    return default.on(device.type) if value is None else value
+
+
+def importance_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
+    """(draws per image, images) of importance sampling with q for cfg_eval on `device`, out of n_images."""
+    k = _per_device(cfg_eval.importance_k, IMPORTANCE_K, device)
+    return k, _subset(_per_device(cfg_eval.importance_n_images, IMPORTANCE_N_IMAGES, device), n_images)
+
+
+def ais_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, int]:
+    """(test images, simulated images for BDMC) of AIS for cfg_eval on `device`, out of n_images."""
+    n = _subset(_per_device(cfg_eval.ais_n_images, AIS_N_IMAGES, device), n_images)
+    return n, _per_device(cfg_eval.bdmc_n_images, BDMC_N_IMAGES, device)
+
+
+def ais_settings(cfg_eval: Any, device: torch.device) -> AISSettings:
+    """The AIS schedule, chains and seed of cfg_eval, with the gradient's dtype on `device`."""
+    bf16 = has_native_bf16(device) if cfg_eval.ais_bf16_gradients is None else cfg_eval.ais_bf16_gradients
+    return AISSettings(
+        steps=cfg_eval.ais_steps,
+        chains=cfg_eval.ais_chains,
+        leapfrog=cfg_eval.ais_leapfrog,
+        step_size=cfg_eval.ais_step_size,
+        seed=cfg_eval.seed,
+        gradient_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
+def ais_batch_images(cfg_eval: Any) -> int:
+    """Images per AIS pass: AIS_LATENTS_PER_BATCH_IMAGE x eval.batch_size latents in all, as many chains a piece."""
+    return max(1, AIS_LATENTS_PER_BATCH_IMAGE * cfg_eval.batch_size // cfg_eval.ais_chains)
+
+
+# --- the plan: which estimators run, on how many images, with what settings --------------------------
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One estimator of the plan: its name, the images it covers, and every setting its numbers
+    depend on (eval.json records them; vae-eval reuses an estimate whose settings are the same)."""
+
+    name: str
+    n_images: int
+    settings: dict[str, Any]
+
+
+def plan(
+    spec: ModelSpec, cfg_eval: Any, device: torch.device, n_images: int, ais_everywhere: bool = False
+) -> list[Planned]:
+    """The estimators evaluation runs for a model of `spec` on n_images test images, log_px's first:
+    the closed form where it exists, else the quadrature where K <= 2, else AIS (eval.ais=false:
+    importance, else prior_mc), then the others. eval.ais=null runs AIS where K > 2, or at every K
+    where ais_everywhere (vae-eval, so that every run shows AIS next to an exact answer)."""
+    exact = ESTIMATORS["quadrature"].applies(spec)
+    use_ais = (ais_everywhere or not exact) if cfg_eval.ais is None else cfg_eval.ais
+    names = [name for name in ("closed_form", "quadrature") if ESTIMATORS[name].applies(spec)]
+    names += ["ais"] if use_ais and not exact else []
+    names += [name for name in ("importance", "prior_mc") if ESTIMATORS[name].applies(spec)]
+    names += ["ais"] if use_ais and exact else []  # next to the exact answer, as a check of AIS
+    return [ESTIMATORS[name].plan(spec, cfg_eval, device, n_images) for name in names]
+
+
+def _plan_quadrature(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
+    points = points_per_dim(cfg_eval.quadrature_points, spec.K)
+    width = cfg_eval.quadrature_half_width
+    settings = {
+        "points_per_dim": points,
+        "n_points": points**spec.K,
+        "half_width": width,
+        "spacing": 2 * width / points,
+    }
+    return Planned("quadrature", n, {**settings, "n_images": n})
+
+
+def _plan_importance(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
+    k, n = importance_sizes(cfg_eval, device, n)
+    settings = {"k": k, "iwae_k": min(cfg_eval.iwae_k, k), "proposal": "q(z|x)", "seed": cfg_eval.seed}
+    return Planned("importance", n, {**settings, "n_images": n})
+
+
+def _plan_prior_mc(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
+    settings = {"n_samples": cfg_eval.prior_mc_samples, "shared": True, "seed": cfg_eval.seed}
+    return Planned("prior_mc", n, {**settings, "n_images": n})
+
+
+def _plan_ais(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
+    n, n_simulated = ais_sizes(cfg_eval, device, n)
+    settings = ais_settings(cfg_eval, device)
+    described = {
+        "steps": settings.steps,
+        "schedule": f"sigmoid, delta={SIGMOID_SCALE:g} (Grosse et al. 2015)",
+        "chains": settings.chains,
+        "leapfrog": settings.leapfrog,
+        "initial_step_size": settings.step_size,
+        "target_acceptance": TARGET_ACCEPTANCE,
+        "gradients": str(settings.gradient_dtype).removeprefix("torch."),  # energies and weights: float32
+        "seed": settings.seed,
+        "n_images": n,
+        "bdmc_n_images": n_simulated,
+    }
+    return Planned("ais", n, described)
+
+
+def _plan_closed_form(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
+    kind = "factor analysis (sigma per pixel)" if spec.likelihood.per_pixel else "probabilistic PCA (shared sigma)"
+    return Planned("closed_form", n, {"model": kind, "n_images": n})
+
+
+# --- running each estimator -----------------------------------------------------------------------
+
+PerImage = dict[str, torch.Tensor]  # per-image values: "<estimator>" (log p(x)) and "<estimator>.<bound>"
+Bounds = dict[str, dict[str, Any]]
+RunResult = tuple[dict[str, Any], PerImage, Bounds]  # the estimator's entry, its per-image values, its bounds
+
+
+def run_quadrature(
+    model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch
+) -> RunResult:
+    """log p(x) and the Jensen bound on the grid, and again at twice the spacing to show convergence."""
+    s = planned.settings
+    n, width = s["points_per_dim"], s["half_width"]
+    fine = weighted_sums(model, x, *quadrature_grid(model.K, n, width, x.device), cfg_eval.batch_size)
+    seconds = lap()
+    coarse = weighted_sums(model, x, *quadrature_grid(model.K, n // 2, width, x.device), cfg_eval.batch_size).log_px
+    entry = {**mean_stderr(fine.log_px), "seconds": seconds, "settings": s}
+    coarse_value = mean_stderr(coarse)["value"]
+    entry["halving"] = {
+        "points_per_dim": n // 2,
+        "value": coarse_value,
+        "change": entry["value"] - coarse_value,
+        "seconds": lap(),
+    }
+    jensen = {**mean_stderr(fine.jensen), "method": f"quadrature, {n}^{model.K} grid"}
+    return entry, {"quadrature": fine.log_px, "quadrature.jensen": fine.jensen}, {"jensen": jensen}
+
+
+def run_importance(
+    model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch
+) -> RunResult:
+    """log p(x) with q(z|x) as proposal, and the ELBO and IWAE-k bound from the same draws, on the
+    first eval.importance_n_images images (per-image draws cost k decoder passes an image)."""
+    s = planned.settings
+    k, iwae_k, n = s["k"], s["iwae_k"], planned.n_images
+    imp = importance_sums(model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size)
+    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s}
+    bounds = {
+        "elbo": {**mean_stderr(imp.elbo), "n_images": n, "method": f"{k} draws from q(z|x), closed-form KL"},
+        "iwae_k": {
+            **mean_stderr(imp.iwae),
+            "k": iwae_k,
+            "n_images": n,
+            "method": f"mean over {k // iwae_k} groups of {iwae_k} draws",
+        },
+    }
+    values = {"importance": imp.log_px, "importance.elbo": imp.elbo, "importance.iwae_k": imp.iwae}
+    return entry, values, bounds
+
+
+def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
+    """The log-mean-exp of p(x|z_s) over prior draws shared by every image, and the Jensen bound from them."""
+    S = planned.settings["n_samples"]
+    z = model.prior_sample(S, generator=torch.Generator(device=x.device).manual_seed(cfg_eval.seed))
+    mc = weighted_sums(model, x, z, torch.full((S,), -math.log(S), device=x.device), cfg_eval.batch_size)
+    entry = {**mean_stderr(mc.log_px), "seconds": lap(), "settings": planned.settings}
+    jensen = {**mean_stderr(mc.jensen), "method": f"mean over {S} shared prior draws"}
+    return entry, {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen}, {"jensen": jensen}
+
+
+def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
+    """AIS from p(z) to p(z|x) on the first eval.ais_n_images images, then BDMC on images simulated
+    from the model: forward and reverse AIS bracket their log p(x), the gap is AIS's precision."""
+    settings = ais_settings(cfg_eval, x.device)
+    batch = ais_batch_images(cfg_eval)
+    forward = ais(model, x[: planned.n_images], settings, batch)
+    estimate = forward.estimate()
+    entry = {**mean_stderr(estimate), "seconds": lap(), "settings": planned.settings}
+    entry.update(acceptance=float(forward.acceptance.mean()), step_size=float(forward.step_size.mean()))
+    n_simulated = planned.settings["bdmc_n_images"]
+    if n_simulated:
+        cert = bdmc(model, n_simulated, settings, batch)
+        entry["bdmc"] = {
+            "n_images": n_simulated,
+            "data": "simulated from the model: z ~ p(z), x ~ p(x|z)",
+            "lower": mean_stderr(cert.lower),
+            "upper": mean_stderr(cert.upper),
+            "gap": mean_stderr(cert.upper - cert.lower),
+            "acceptance": {
+                "forward": float(cert.forward.acceptance.mean()),
+                "reverse": float(cert.reverse.acceptance.mean()),
+            },
+            "seconds": lap(),
+        }
+    return entry, {"ais": estimate}, {}
+
+
+def run_closed_form(
+    model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch
+) -> RunResult:
+    """log p(x) = log N(x; b, W W^T + Psi), the Jensen bound and, for a linear encoder, the ELBO, all
+    exact per image (vae_cli.maths.linear_gaussian)."""
+    lg: LinearGaussian = model.linear_gaussian()
+    values = {"closed_form": lg.log_px(x), "closed_form.jensen": lg.jensen_bound(x)}
+    bounds = {"jensen": {**mean_stderr(values["closed_form.jensen"]), "method": "closed form"}}
+    if model.encoder is not None:
+        enc = encoder_statistics(model, x, cfg_eval.batch_size)
+        values["closed_form.elbo"] = lg.elbo(x, enc.mean, enc.logvar)
+        bounds["elbo"] = {**mean_stderr(values["closed_form.elbo"]), "method": "closed form"}
+    entry = {**mean_stderr(values["closed_form"]), "seconds": lap(), "settings": planned.settings}
+    return entry, values, bounds
+
+
+@dataclass(frozen=True)
+class Estimator:
+    applies: Callable[[ModelSpec], bool]  # to a model of this spec at all
+    plan: Callable[[ModelSpec, Any, torch.device, int], Planned]
+    run: Callable[[LatentVariableModel, torch.Tensor, Any, Planned, Stopwatch], RunResult]
+    memory: Callable[[ModelSpec, Any, Planned], list[tuple[str, int]]]
+
+
+def _memory_quadrature(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
+    # the grid is built in float64, with its weights, twice (the halving check)
+    return [("eval.quadrature_points", 4 * planned.settings["n_points"] * (spec.K + 1) * 2 * FLOAT_BYTES)]
+
+
+def _memory_importance(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
+    batch = min(cfg_eval.batch_size, max(planned.n_images, 1))  # the draws (B, k, K) with their (B, k) weights
+    return [("eval.importance_k, eval.batch_size", 4 * batch * planned.settings["k"] * (spec.K + 1) * FLOAT_BYTES)]
+
+
+def _memory_prior_mc(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
+    return [("eval.prior_mc_samples", 3 * planned.settings["n_samples"] * spec.K * FLOAT_BYTES)]
+
+
+def _memory_ais(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
+    # every draw of a batch of images is made up front: momenta and accept uniforms for every step
+    latents = ais_batch_images(cfg_eval) * cfg_eval.ais_chains
+    return [("eval.ais_steps, eval.batch_size", cfg_eval.ais_steps * latents * (spec.K + 1) * FLOAT_BYTES)]
+
+
+def _memory_closed_form(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
+    return [("eval.n_images", 2 * min(planned.n_images, 4096) * N_PIXELS * 2 * FLOAT_BYTES)]  # float64 chunks of images
+
+
+def _always(spec: ModelSpec) -> bool:
+    return True
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "closed_form": Estimator(lambda spec: spec.closed_form, _plan_closed_form, run_closed_form, _memory_closed_form),
+    "quadrature": Estimator(
+        lambda spec: spec.K <= QUADRATURE_MAX_K, _plan_quadrature, run_quadrature, _memory_quadrature
+    ),
+    "ais": Estimator(_always, _plan_ais, run_ais, _memory_ais),
+    "importance": Estimator(
+        lambda spec: spec.encoder is not None, _plan_importance, run_importance, _memory_importance
+    ),
+    "prior_mc": Estimator(_always, _plan_prior_mc, run_prior_mc, _memory_prior_mc),
+}
+# Where each bound comes from, the most exact producer first.
+BOUND_SOURCES = {
+    "jensen": ("closed_form", "quadrature", "prior_mc"),
+    "elbo": ("closed_form", "importance"),
+    "iwae_k": ("importance",),
+}
+
+
+def memory_parts(
+    spec: ModelSpec, cfg_eval: Any, device: torch.device, n_images: int, ais_everywhere: bool = False
+) -> list[tuple[str, int]]:
+    """The evaluation's large allocations: those of each estimator of the plan, and nothing else."""
+    planned = plan(spec, cfg_eval, device, n_images, ais_everywhere)
+    return [part for p in planned for part in ESTIMATORS[p.name].memory(spec, cfg_eval, p)]
+
+
+def check_memory(parts: list[tuple[str, int]], device: torch.device, values: Callable[[str], Any]) -> None:
+    """ConfigError naming the keys of the largest allocation that keys set when `parts` need more
+    memory than `device` has available, before any data is loaded or file written (a part with no
+    keys, "", counts but is never named). values(key): its value."""
+    needed = sum(size for _, size in parts)
+    available = available_bytes(device)
+    if needed <= available:
+        return
+    keys, size = max([part for part in parts if part[0]] or parts, key=lambda part: part[1])
+    shown = ", ".join(f"{k}={values(k)}" for k in keys.split(", ") if values(k) is not None)
+    raise ConfigError(
+        f"too large for this machine: {shown} need about {_gib(size)} ({_gib(needed)} in all) on {device.type}, "
+        f"{_gib(available)} available; allowed: smaller values of {keys}"
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.0f} MiB"
