@@ -16,7 +16,7 @@ from vae_cli.maths.models import build_model
 from vae_cli.run.config import data_config, model_spec, validate
 from vae_cli.run.data import load_images
 from vae_cli.run.keys import EvalConfig, schema_of
-from vae_cli.run.rundir import CHECKPOINT, EVAL, LOSSES, SUMMARY
+from vae_cli.run.rundir import CHECKPOINT, EVAL, EVAL_IMAGES, LOSSES, SUMMARY
 from vae_cli.stages.estimates import importance_sizes
 from vae_cli.stages.evaluation import evaluate, format_table
 from vae_cli.stages.pipeline import train
@@ -95,12 +95,45 @@ def test_vae_eval_reproduces_the_evaluation_from_the_run_files(run, capsys):
     after = json.loads((run_dir / EVAL).read_text())
     assert "ais" not in before["estimates"]  # vae-train's evaluation: the grid alone
     assert {k: v for k, v in numbers(after).items() if k != "estimate ais"} == pytest.approx(numbers(before), abs=1e-5)
+    assert "bdmc_gap" in json.loads((run_dir / SUMMARY).read_text())
     eval_main([str(run_dir), "--no-ais"])
     assert "ais" not in json.loads((run_dir / EVAL).read_text())["estimates"]
+    assert "bdmc_gap" not in json.loads((run_dir / SUMMARY).read_text())  # no headline left from the older evaluation
     eval_main([str(run_dir), "--n-images", "10", "--importance-k", "32"])
     smaller = json.loads((run_dir / EVAL).read_text())
     assert smaller["n_images"] == 10 and smaller["estimates"]["importance"]["settings"]["k"] == 32
     assert json.loads((run_dir / SUMMARY).read_text())["eval_n_images"] == 10
+
+
+def test_a_run_trained_further_drops_the_evaluation_of_its_older_parameters(tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose_config(["n_train_iters=4", *CHEAP_EVAL]), run_dir)
+    assert (run_dir / EVAL).exists() and (run_dir / EVAL_IMAGES).exists()
+    resume = [f"resume={run_dir}", "n_train_iters=6", "eval.enabled=false"]
+    summary = train(compose_config(resume), run_dir, changed=["n_train_iters", "eval.enabled"])
+    assert not (run_dir / EVAL).exists() and not (run_dir / EVAL_IMAGES).exists()
+    assert summary["steps"] == 6 and "log_px" not in summary
+    assert "log_px" not in json.loads((run_dir / SUMMARY).read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, edited",
+    [
+        ({"checkpoint": "by hand"}, ["quadrature", "importance", "prior_mc"]),
+        ({"estimates": {"quadrature": "by hand", "importance": {"settings": None}}}, ["quadrature", "importance"]),
+        ({"estimates": {"prior_mc": {"value": "x", "stderr": 1, "seconds": 1, "settings": {}}}}, ["prior_mc"]),
+    ],
+)
+def test_a_hand_edited_eval_json_is_computed_again(tmp_path, edit, edited, capsys):
+    run_dir = tmp_path / "run"
+    train(compose_config(["objective=elbo", "n_train_iters=2", *CHEAP_EVAL]), run_dir)
+    result = json.loads((run_dir / EVAL).read_text())
+    (run_dir / EVAL).write_text(json.dumps({**result, **edit}))
+    eval_main([str(run_dir), "--no-ais"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert all("(reused)" not in rows[name] for name in edited), rows
+    again = json.loads((run_dir / EVAL).read_text())
+    assert again["log_px"] == pytest.approx(result["log_px"], abs=1e-6)
 
 
 def test_results_do_not_depend_on_the_batch_size():

@@ -157,7 +157,7 @@ def test_chunking_over_images_changes_nothing(monkeypatch):
         ]
 
     whole = everything()
-    monkeypatch.setattr(lg, "_CHUNK_ROWS", 3)
+    monkeypatch.setattr(lg, "CHUNK_ROWS", 3)
     chunked = everything()
     for a, c in zip(whole[:-1], chunked[:-1]):
         torch.testing.assert_close(c, a, rtol=0, atol=1e-12)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, TINY, Crash, assert_same_run, compose_config, skip_figures
+from helpers import BIN, TINY, Crash, assert_same_run, compose_config, run_cli, skip_figures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
@@ -40,7 +40,7 @@ from vae_cli.commands.callbacks import changed_keys
 from vae_cli.errors import Interrupted, NonFiniteError, RunDirError
 from vae_cli.maths.objectives import OBJECTIVES, Loss, Objective
 from vae_cli.run.checkpoint import load_checkpoint
-from vae_cli.run.rundir import CHECKPOINT, EVAL, LOSSES, SUMMARY, read_json
+from vae_cli.run.rundir import CHECKPOINT, EVAL, LOCK, LOSSES, SUMMARY, read_json
 from vae_cli.stages.pipeline import prepare, train
 
 # Tiny, but with enough steps that a poll of losses.csv can stop it part way.
@@ -418,6 +418,25 @@ def test_resume_refuses_overrides_that_change_the_run(override, refused, referen
     message = str(info.value)
     assert message.startswith(f"cannot change {refused} when resuming") and "\n" not in message
     assert {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()} == before
+
+
+def test_a_resume_override_the_runs_own_choice_lacks_is_one_line_and_writes_nothing(reference):
+    """data.root may change on resume, but this run's data (synthetic) has no root: one line, exit 2,
+    no .hydra of the refused command, no train.log line (the lock file names its last holder)."""
+
+    def files() -> dict:
+        return {
+            p.relative_to(reference): p.read_bytes() for p in reference.rglob("*") if p.is_file() and p.name != LOCK
+        }
+
+    before = files()
+    result = run_cli(["vae-train", f"resume={reference}", "data.root=/elsewhere"], cwd=reference.parent)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (
+        result.stderr.startswith("vae-cli: error: unknown key data.root='/elsewhere'")
+        and "no data.root" in result.stderr
+    )
+    assert files() == before
 
 
 def test_resume_keeps_the_saved_config_and_applies_allowed_overrides(reference):

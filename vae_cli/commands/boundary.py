@@ -121,7 +121,7 @@ def user_errors(prog: str = "vae-cli") -> Iterator[None]:
         exit_with(prog, "", "interrupted (SIGINT)", 130)
 
 
-COMMANDS = """the three commands:
+COMMANDS = """the commands:
   vae-train objective=jensen K=2        one run (vae-train --help lists every key)
   vae-train -m objective=jensen,prior_iwae,elbo n_samples=1,8,128   a sweep
   vae-eval RUN_DIR|MULTIRUN_DIR [--full]  test-set log p(x) by every estimator, the bounds and their gaps

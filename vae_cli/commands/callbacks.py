@@ -79,6 +79,8 @@ class ValidateBeforeRun(Callback):
             _claims[run_dir] = pipeline.claim_run(config, run_dir, changed, source)
         except UserError as exc:
             raise Abort(exc) from None
+        except (HydraException, OmegaConfBaseException) as exc:  # Hydra would turn these into a warning
+            raise Abort(ConfigError(" ".join(str(exc).split()))) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:

@@ -91,7 +91,7 @@ def _log_likelihood_and_grad(
     model: LatentVariableModel, x: torch.Tensor, z: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x_b|z_bc) (B, C) and its gradient in z (B, C, K), from one decoder pass and its backward,
-    in the model's dtype (the likelihood itself is float32: models.float32_likelihood)."""
+    in the model's dtype (the likelihood itself is float32: likelihoods.float32_likelihood)."""
     with torch.enable_grad():
         z = z.detach().to(next(model.parameters()).dtype).requires_grad_(True)
         ll = model.log_px_given_z(x, z)

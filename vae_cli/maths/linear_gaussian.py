@@ -18,12 +18,13 @@ processed in chunks of rows so that only a chunk x D array is ever held in float
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from vae_cli.maths.densities import LOG_2PI
 
 __all__ = [
     "LinearGaussian",
@@ -39,8 +40,7 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-_LOG_2PI = math.log(2 * math.pi)
-_CHUNK_ROWS = 4096  # images per chunk: 4096 x 784 float64 is 25 MB
+CHUNK_ROWS = 4096  # images per chunk: 4096 x 784 float64 is 25 MB
 
 Sigma = float | Tensor
 
@@ -113,8 +113,8 @@ def _by_rows(m: _Model, fn: _RowFn, x: Tensor, *per_image: Tensor) -> Tensor:
         if t.shape != (x.shape[0], K):
             raise ValueError(f"q_mean and q_logvar must be ({x.shape[0]}, {K}), got shape {tuple(t.shape)}")
     out = []
-    for start in range(0, max(x.shape[0], 1), _CHUNK_ROWS):  # N = 0 still runs one (empty) chunk, for the shape
-        rows = slice(start, start + _CHUNK_ROWS)
+    for start in range(0, max(x.shape[0], 1), CHUNK_ROWS):  # N = 0 still runs one (empty) chunk, for the shape
+        rows = slice(start, start + CHUNK_ROWS)
         r = x[rows].to(device=m.W.device, dtype=_F64) - m.b
         out.append(fn(r, *(t[rows].to(device=m.W.device, dtype=_F64) for t in per_image)))
     return torch.cat(out)
@@ -122,7 +122,7 @@ def _by_rows(m: _Model, fn: _RowFn, x: Tensor, *per_image: Tensor) -> Tensor:
 
 def _log_normal_psi(m: _Model, r: Tensor) -> Tensor:
     """log N(x; b, Psi) for r = x - b."""
-    return -0.5 * (r.shape[1] * _LOG_2PI + m.logdet_Psi + (r**2 / m.var).sum(1))
+    return -0.5 * (r.shape[1] * LOG_2PI + m.logdet_Psi + (r**2 / m.var).sum(1))
 
 
 def _posterior_mean(m: _Model, r: Tensor) -> Tensor:
@@ -142,7 +142,7 @@ def log_px(W: Tensor, b: Tensor, sigma: Sigma, x: Tensor) -> Tensor:
         v = torch.linalg.solve_triangular(m.L, (r @ m.PsiInvW).T, upper=False)
         mahalanobis = (r**2 / m.var).sum(1) - (v**2).sum(0)
         # determinant lemma: log|W W^T + Psi| = log|M| + log|Psi|
-        return -0.5 * (r.shape[1] * _LOG_2PI + m.logdet_M + m.logdet_Psi + mahalanobis)
+        return -0.5 * (r.shape[1] * LOG_2PI + m.logdet_M + m.logdet_Psi + mahalanobis)
 
     return _by_rows(m, chunk, x)
 
@@ -185,7 +185,7 @@ def elbo(W: Tensor, b: Tensor, sigma: Sigma, x: Tensor, q_mean: Tensor, q_logvar
         # E_q (r - W z)^T Psi^{-1} (r - W z) = (r - W mu)^T Psi^{-1} (r - W mu) + tr(W^T Psi^{-1} W diag(s))
         residual = r - mu @ m.W.T
         expected_log_lik = -0.5 * (
-            r.shape[1] * _LOG_2PI + m.logdet_Psi + (residual**2 / m.var).sum(1) + (s * G_diag).sum(1)
+            r.shape[1] * LOG_2PI + m.logdet_Psi + (residual**2 / m.var).sum(1) + (s * G_diag).sum(1)
         )
         kl_prior = 0.5 * (s + mu**2 - 1 - logvar).sum(1)
         return expected_log_lik - kl_prior
@@ -253,7 +253,7 @@ def ppca_from_moments(mean: Tensor, S: Tensor, K: int) -> tuple[Tensor, Tensor, 
     return W, b, sigma2.sqrt()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: == would be ambiguous
 class LinearGaussian:
     """p(z) = N(0, I_K), p(x | z) = N(W z + b, diag(sigma^2)), sigma a scalar or (D,); see the module docstring."""
 

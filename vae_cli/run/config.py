@@ -27,7 +27,7 @@ from vae_cli.run.keys import GREY_LEVELS, GROUPS, Config, FileDataConfig, defaul
 _ABSENT = object()
 # What runs saved before these groups existed used: a run directory of an older vae-cli has no
 # model.name or likelihood node, and was an MLP with Bernoulli pixels.
-LEGACY_CHOICES = {"model": "mlp", "likelihood": "bernoulli"}
+LEGACY_CHOICES = {"data": "mnist", "model": "mlp", "likelihood": "bernoulli"}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -292,7 +292,7 @@ def typed_config(saved: Any, source: Path) -> DictConfig:
         typed = OmegaConf.structured(Config)
         for name, options in GROUPS.items():
             node = dict(saved.get(name) or {})
-            choice = node.setdefault("name", LEGACY_CHOICES.get(name, "mnist" if name == "data" else None))
+            choice = node.setdefault("name", LEGACY_CHOICES.get(name))
             if choice not in options:
                 raise ValueError(f"{name} {choice!r} is not one of {', '.join(options)}")
             if name == "data" and choice != "synthetic":  # runs from before the per-data-set schemas

@@ -221,12 +221,15 @@ def _lock(fd: int, path: Path) -> bool:
     except OSError as exc:
         if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise _NoLocks(exc.strerror) from None
+        os.close(fd)
         raise
     try:
-        named = os.stat(path)
+        named, here = os.stat(path), os.fstat(fd)
     except FileNotFoundError:
         return False
-    here = os.fstat(fd)
+    except OSError:
+        os.close(fd)  # closing it frees the lock too
+        raise
     return (named.st_dev, named.st_ino) == (here.st_dev, here.st_ino)
 
 
@@ -409,7 +412,16 @@ def write_evaluation(
     write_json(run_dir / EVAL, {**result, EVAL_IMAGES_DIGEST: hashlib.sha256(rows).hexdigest()})
     if summary is None:
         return None
-    return write_summary(run_dir, {**summary, **headline(result)})
+    kept = {
+        key: value for key, value in summary.items() if key not in HEADLINE.values()
+    }  # none from an older evaluation
+    return write_summary(run_dir, {**kept, **headline(result)})
+
+
+def forget_evaluation(run_dir: Path) -> None:
+    """Remove eval.json and eval_images.csv: training goes on, so they describe parameters about to change."""
+    for name in (EVAL, EVAL_IMAGES):
+        (Path(run_dir) / name).unlink(missing_ok=True)
 
 
 def per_image_csv(per_image: dict[str, list[float]]) -> bytes:

@@ -18,7 +18,7 @@ from vae_cli.errors import ConfigError
 from vae_cli.maths.ais import SIGMOID_SCALE, TARGET_ACCEPTANCE, AISSettings, ais, bdmc
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import encoder_statistics, importance_sums, weighted_sums
-from vae_cli.maths.linear_gaussian import LinearGaussian
+from vae_cli.maths.linear_gaussian import CHUNK_ROWS, LinearGaussian
 from vae_cli.maths.models import LatentVariableModel
 from vae_cli.maths.spec import FLOAT_BYTES, N_PIXELS, QUADRATURE_MAX_K, ModelSpec
 from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES
@@ -322,7 +322,9 @@ def _memory_ais(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[
 
 
 def _memory_closed_form(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
-    return [("eval.n_images", 2 * min(planned.n_images, 4096) * N_PIXELS * 2 * FLOAT_BYTES)]  # float64 chunks of images
+    return [
+        ("eval.n_images", 2 * min(planned.n_images, CHUNK_ROWS) * N_PIXELS * 2 * FLOAT_BYTES)
+    ]  # float64 chunks of images
 
 
 def _always(spec: ModelSpec) -> bool:

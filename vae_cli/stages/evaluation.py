@@ -77,12 +77,19 @@ class Previous:
     per_image: dict[str, list[float]]
 
     def reusable(self, planned: Planned) -> RunResult | None:
-        """The entry, per-image values and bounds of `planned` as they were, where they can stand again."""
-        entry = self.result.get("estimates", {}).get(planned.name)
-        if entry is None or entry.get("settings") != planned.settings:
+        """The entry, per-image values and bounds of `planned` as they were, where they can stand again
+        (not where a hand-edited eval.json holds something else than vae-eval writes: it is computed again)."""
+        try:
+            entry = self.result["estimates"][planned.name]
+            numbers = [entry[key] for key in ("value", "stderr", "seconds")]
+            if entry["settings"] != planned.settings or not all(isinstance(n, (int, float)) for n in numbers):
+                return None
+            values = {
+                k: torch.tensor(v, dtype=torch.float64) for k, v in self.per_image.items() if _of(k, planned.name)
+            }
+            bounds = dict(entry.get("bounds", {}))
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
-        values = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.per_image.items() if _of(k, planned.name)}
-        bounds = entry.get("bounds", {})
         if len(values.get(planned.name, ())) != planned.n_images or any(
             f"{planned.name}.{b}" not in values for b in bounds
         ):
@@ -347,7 +354,8 @@ def evaluate_run(
         if (
             not recompute
             and files.evaluation is not None
-            and files.evaluation.get("checkpoint", {}).get("sha256") == digest
+            and isinstance(files.evaluation.get("checkpoint"), dict)
+            and files.evaluation["checkpoint"].get("sha256") == digest
         ):
             previous = Previous(files.evaluation, files.per_image or {})
         load = load_images if data_root is not None else load_images_here  # a root the user names is not second-guessed

@@ -330,7 +330,10 @@ def _effective_config(cfg: DictConfig, saved: dict, source: Path, changed: list[
             )
     changes = list(_changed_values(current, changed, mutable, mutable_only=True))
     for key, value in changes:
-        OmegaConf.update(effective, key, value, merge=False)
+        try:
+            OmegaConf.update(effective, key, value, merge=False)
+        except OmegaConfBaseException:  # a key of the command line's choices that the run's own choice lacks
+            raise ConfigError(f"unknown key {key}={value!r} for {source}: its config has no {key}") from None
     try:
         validate(effective)
     except ConfigError as exc:

@@ -32,8 +32,8 @@ FLUSH_SECONDS = 10  # how stale a live view may be between checkpoints
 
 # Tags, grouped into TensorBoard's sections by their prefix.
 TRAIN = "train/"  # per step: loss, each objective term, it_per_s
-SAMPLES = "grids/samples"  # binary x ~ p(x|z), z ~ p(z)
-MEANS = "grids/means_not_samples"  # sigmoid(decoder(z)) for the same z: means, labelled so
+SAMPLES = "grids/samples"  # x ~ p(x|z), z ~ p(z): binary, or with a Gaussian's noise
+MEANS = "grids/means_not_samples"  # the means E[x|z] for the same z, labelled so
 EVAL = "eval/"  # log_px and its stderr, the gaps, every estimate
 FINAL = "final/"  # the metrics of the HParams view
 # Config keys shown as hyper-parameters; a group (objective, data) by its name.

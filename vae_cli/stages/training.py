@@ -37,7 +37,7 @@ from vae_cli.run.datafiles import split_sizes
 from vae_cli.run.files import remove_temp_files
 from vae_cli.run.machine import cpu_has_bf16, describe_device
 from vae_cli.run.preflight import requeued_job, resume_command
-from vae_cli.run.rundir import LOSSES, SUMMARY, LossLog, new_summary, write_summary
+from vae_cli.run.rundir import LOSSES, SUMMARY, LossLog, forget_evaluation, new_summary, write_summary
 from vae_cli.stages.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def fit(
     checkpoints = Checkpointer(run_dir, model, optimizer, cfg, device)
     remove_temp_files(run_dir)  # left by a kill during an atomic write
     (run_dir / SUMMARY).unlink(missing_ok=True)  # a stopped run's summary; rewritten when this one ends
+    forget_evaluation(run_dir)  # a run trained further: its evaluation was of older parameters
     if state is None:
         (run_dir / LOSSES).unlink(missing_ok=True)  # a run killed before its step-0 checkpoint starts again
         checkpoints.save(0)
@@ -145,34 +146,37 @@ def fit(
         first_step = checkpoints.restore(state)  # every RNG state last
         log.info("resumed %s at step %d of %d", run_dir, first_step, cfg.n_train_iters)
     log_file = LossLog(run_dir / LOSSES, ["step", "loss", *objective.terms], losses if state is not None else None)
-    tracker = tracker or Tracker(cfg, run_dir)
-    if first_step == 0:
-        tracker.checkpoint(0, model)  # prior_draws has its own generator: training's RNG stream is untouched
-    micro_batch = micro_batch_size(cfg, device)
-    options = objective_options(cfg)
-    settings = summary_settings(cfg)
-    facts = {
-        "micro_batch": micro_batch,
-        "device": describe_device(device),
-        **facts,
-        "torch_version": torch.__version__,
-        "vae_cli_version": vae_cli.__version__,
-    }
+    bar = None
+    try:  # losses.csv is closed however this ends
+        tracker = tracker or Tracker(cfg, run_dir)
+        if first_step == 0:
+            tracker.checkpoint(0, model)  # prior_draws has its own generator: training's RNG stream is untouched
+        micro_batch = micro_batch_size(cfg, device)
+        options = objective_options(cfg)
+        settings = summary_settings(cfg)
+        facts = {
+            "micro_batch": micro_batch,
+            "device": describe_device(device),
+            **facts,
+            "torch_version": torch.__version__,
+            "vae_cli_version": vae_cli.__version__,
+        }
 
-    def stopped(status: str, step: int, extra: dict[str, Any]) -> dict[str, Any]:  # a run that stops early
-        return write_summary(run_dir, {**new_summary(status, step, settings, log_file.history["loss"], facts), **extra})
+        def stopped(status: str, step: int, extra: dict[str, Any]) -> dict[str, Any]:  # a run that stops early
+            return write_summary(
+                run_dir, {**new_summary(status, step, settings, log_file.history["loss"], facts), **extra}
+            )
 
-    start = last = time.perf_counter()
-    hint = CpuHint(cfg, device, first_step)
-    bar = tqdm(
-        range(first_step + 1, cfg.n_train_iters + 1),
-        initial=first_step,
-        total=cfg.n_train_iters,
-        desc=cfg.objective.name,
-        disable=not cfg.progress,
-        unit="it",
-    )
-    try:
+        start = last = time.perf_counter()
+        hint = CpuHint(cfg, device, first_step)
+        bar = tqdm(
+            range(first_step + 1, cfg.n_train_iters + 1),
+            initial=first_step,
+            total=cfg.n_train_iters,
+            desc=cfg.objective.name,
+            disable=not cfg.progress,
+            unit="it",
+        )
         with StopSignals() as signals:
             for step in bar:
                 if signals.received is not None:  # SIGINT, SIGTERM, preemption: checkpoint at step - 1
@@ -199,7 +203,8 @@ def fit(
                 signals.stop(checkpoints, cfg.n_train_iters, stopped)
     finally:
         log_file.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
     train_seconds = time.perf_counter() - start
     if checkpoints.step != cfg.n_train_iters:
         checkpoints.save(cfg.n_train_iters)
