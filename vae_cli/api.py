@@ -57,8 +57,8 @@ class Run:
     def log_px(self, x: torch.Tensor, estimator: str = "auto", **settings: Any) -> torch.Tensor:
         """log p(x) of each image x (N, 784) by the estimators of vae-eval, float64 on the CPU. auto:
         the closed form where it exists, else the quadrature where K <= 2, else the run's eval.ais choice
-        (AIS, or importance / prior MC where it is false). `settings` are
-        eval.* keys without the prefix (ais_steps=1000, importance_k=5000, ...); the rest are the run's."""
+        (AIS, or importance / prior MC where it is false). `settings` are eval.* keys without the
+        prefix (ais_steps=1000, importance_k=5000, ...); the rest are the run's."""
         cfg_eval = eval_config(self._cfg.get("eval"), {"n_images": None, **settings})
         spec = model_spec(self._cfg)
         x = torch.as_tensor(x, dtype=torch.float32).to(self.device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +72,16 @@ class ValidateBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = absolute(str(config.hydra.run.dir))
-        try:
+        with refused_in_one_line():
             source = preflight(config, run_dir)
             # The stages and torch, only now that the config has been checked: refusals never wait for them.
             from vae_cli.stages import pipeline
 
             changed = changed_keys(task_overrides(config.hydra))
             _claims[run_dir] = pipeline.claim_run(config, run_dir, changed, source)
-        except UserError as exc:
-            raise Abort(exc) from None
-        except (HydraException, OmegaConfBaseException) as exc:  # Hydra would turn these into a warning
-            raise Abort(ConfigError(" ".join(str(exc).split()))) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
+        with refused_in_one_line():
             sweep_dir = Path(str(config.hydra.sweep.dir))
             check_creatable(sweep_dir, "sweep directory")
             jobs = []
@@ -103,10 +101,18 @@ class ValidateBeforeRun(Callback):
 
                 for job_config in jobs:
                     pipeline.check_job(job_config)
-        except UserError as exc:
-            raise Abort(exc) from None
-        except (HydraException, OmegaConfBaseException) as exc:  # Hydra would turn these into a warning
-            raise Abort(ConfigError(" ".join(str(exc).split()))) from None
+
+
+@contextmanager
+def refused_in_one_line() -> Iterator[None]:
+    """A callback's refusal as Abort, which the error boundary prints as one line: Hydra turns any
+    other exception of a callback into a warning and goes on."""
+    try:
+        yield
+    except UserError as exc:
+        raise Abort(exc) from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise Abort(ConfigError(" ".join(str(exc).split()))) from None
 
 
 def runs_here(config: DictConfig) -> bool:

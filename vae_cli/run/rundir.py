@@ -40,6 +40,7 @@ from vae_cli.errors import PathError, RunDirError
 from vae_cli.maths.spec import Z_LIMIT
 from vae_cli.run.config import experiment_values
 from vae_cli.run.files import atomic_write_bytes, read_json, write_json
+from vae_cli.run.keys import GROUPS
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class LossLog:
         self.history: dict[str, list[float]] = {c: [] for c in columns}
         if rows is not None:
             atomic_write_bytes(self.path, rows)
-            self.history = parse_losses(rows.decode(), self.path)
+            self.history = parse_losses(rows.decode().split("\n"), self.path)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, "a", newline="")
         if new:
@@ -299,11 +300,11 @@ def _loss_row(line: str, n_columns: int) -> list[float] | None:
 
 def read_losses(path: Path) -> dict[str, list[float]]:
     """Columns of losses.csv as lists; a partial last line (a run killed mid-write) is dropped."""
-    return parse_losses("\n".join(_loss_lines(path)), path)
+    return parse_losses(_loss_lines(path), path)
 
 
-def parse_losses(text: str, path: Path) -> dict[str, list[float]]:
-    lines = text.split("\n")
+def parse_losses(lines: list[str], path: Path) -> dict[str, list[float]]:
+    """losses.csv's lines (as _loss_lines splits them) as columns."""
     if not lines[0].startswith("step,loss"):
         raise RunDirError(f"{path} is not a losses.csv (expected a header starting with 'step,loss')")
     columns = lines[0].split(",")
@@ -412,9 +413,8 @@ def write_evaluation(
     write_json(run_dir / EVAL, {**result, EVAL_IMAGES_DIGEST: hashlib.sha256(rows).hexdigest()})
     if summary is None:
         return None
-    kept = {
-        key: value for key, value in summary.items() if key not in HEADLINE.values()
-    }  # none from an older evaluation
+    # no headline number of an older evaluation stays beside the new ones
+    kept = {key: value for key, value in summary.items() if key not in HEADLINE.values()}
     return write_summary(run_dir, {**kept, **headline(result)})
 
 
@@ -517,7 +517,7 @@ def _nested(flat: dict[str, str]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
         parsed = yaml.safe_load(value) if value else value
-        if len(parts) == 1 and key in ("objective", "model", "likelihood", "data"):
+        if len(parts) == 1 and key in GROUPS:
             node.setdefault(key, {})["name"] = parsed
         else:
             node[parts[-1]] = parsed

@@ -299,6 +299,43 @@ class Estimator:
     plan: Callable[[ModelSpec, Any, torch.device, int], Planned]
     run: Callable[[LatentVariableModel, torch.Tensor, Any, Planned, Stopwatch], RunResult]
     memory: Callable[[ModelSpec, Any, Planned], list[tuple[str, int]]]
+    describe: Callable[[dict[str, Any], int], str]  # eval.json's entry (and K) as vae-eval's table shows it
+
+
+def _vs_log_px(entry: dict[str, Any]) -> str:
+    return f"; {entry['minus_log_px']['value']:+.3f} vs * on the same images" if "minus_log_px" in entry else ""
+
+
+def _describe_quadrature(entry: dict[str, Any], K: int) -> str:
+    s = entry["settings"]
+    return (
+        f"{s['points_per_dim']}^{K} grid on [-{s['half_width']:g}, {s['half_width']:g}]^{K}; "
+        f"halving the spacing changes it by {entry['halving']['change']:+.4f}"
+    )
+
+
+def _describe_closed_form(entry: dict[str, Any], K: int) -> str:
+    return f"exact: log N(x; b, W W^T + Psi), {entry['settings'].get('model', 'linear-Gaussian')}" + _vs_log_px(entry)
+
+
+def _describe_importance(entry: dict[str, Any], K: int) -> str:
+    return f"k={entry['settings']['k']} draws from q(z|x)" + _vs_log_px(entry)
+
+
+def _describe_ais(entry: dict[str, Any], K: int) -> str:
+    s = entry["settings"]
+    text = (
+        f"{s['steps']} steps (sigmoid), {s['chains']} chains, HMC {s['leapfrog']} leapfrog "
+        f"({s.get('gradients', 'float32')} gradients), acceptance {entry['acceptance']:.2f}"  # older eval.json: float32
+    )
+    if "bdmc" in entry:
+        b = entry["bdmc"]
+        text += f"; BDMC gap {b['gap']['value']:.3f} +- {b['gap']['stderr']:.3f} on {b['n_images']} simulated images"
+    return text + _vs_log_px(entry)
+
+
+def _describe_prior_mc(entry: dict[str, Any], K: int) -> str:
+    return f"S={entry['settings']['n_samples']} prior draws shared by all images" + _vs_log_px(entry)
 
 
 def _memory_quadrature(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
@@ -322,9 +359,8 @@ def _memory_ais(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[
 
 
 def _memory_closed_form(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
-    return [
-        ("eval.n_images", 2 * min(planned.n_images, CHUNK_ROWS) * N_PIXELS * 2 * FLOAT_BYTES)
-    ]  # float64 chunks of images
+    # float64 chunks of images, and their residuals
+    return [("eval.n_images", 2 * min(planned.n_images, CHUNK_ROWS) * N_PIXELS * 2 * FLOAT_BYTES)]
 
 
 def _always(spec: ModelSpec) -> bool:
@@ -332,15 +368,25 @@ def _always(spec: ModelSpec) -> bool:
 
 
 ESTIMATORS: dict[str, Estimator] = {
-    "closed_form": Estimator(lambda spec: spec.closed_form, _plan_closed_form, run_closed_form, _memory_closed_form),
+    "closed_form": Estimator(
+        lambda spec: spec.closed_form, _plan_closed_form, run_closed_form, _memory_closed_form, _describe_closed_form
+    ),
     "quadrature": Estimator(
-        lambda spec: spec.K <= QUADRATURE_MAX_K, _plan_quadrature, run_quadrature, _memory_quadrature
+        lambda spec: spec.K <= QUADRATURE_MAX_K,
+        _plan_quadrature,
+        run_quadrature,
+        _memory_quadrature,
+        _describe_quadrature,
     ),
-    "ais": Estimator(_always, _plan_ais, run_ais, _memory_ais),
+    "ais": Estimator(_always, _plan_ais, run_ais, _memory_ais, _describe_ais),
     "importance": Estimator(
-        lambda spec: spec.encoder is not None, _plan_importance, run_importance, _memory_importance
+        lambda spec: spec.encoder is not None,
+        _plan_importance,
+        run_importance,
+        _memory_importance,
+        _describe_importance,
     ),
-    "prior_mc": Estimator(_always, _plan_prior_mc, run_prior_mc, _memory_prior_mc),
+    "prior_mc": Estimator(_always, _plan_prior_mc, run_prior_mc, _memory_prior_mc, _describe_prior_mc),
 }
 # Where each bound comes from, the most exact producer first.
 BOUND_SOURCES = {

@@ -227,34 +227,6 @@ def per_image_lists(per_image: PerImage) -> dict[str, list[float]]:
 # --- the table vae-eval prints ----------------------------------------------------------------------
 
 
-def describe(name: str, entry: dict[str, Any], K: int) -> str:
-    s = entry["settings"]
-    if name == "quadrature":
-        return (
-            f"{s['points_per_dim']}^{K} grid on [-{s['half_width']:g}, {s['half_width']:g}]^{K}; "
-            f"halving the spacing changes it by {entry['halving']['change']:+.4f}"
-        )
-    if name == "closed_form":
-        text = f"exact: log N(x; b, W W^T + Psi), {s.get('model', 'linear-Gaussian')}"
-    elif name == "importance":
-        text = f"k={s['k']} draws from q(z|x)"
-    elif name == "ais":
-        text = (
-            f"{s['steps']} steps (sigmoid), {s['chains']} chains, HMC {s['leapfrog']} leapfrog "
-            f"({s.get('gradients', 'float32')} gradients), acceptance {entry['acceptance']:.2f}"  # older eval.json: float32
-        )
-        if "bdmc" in entry:
-            b = entry["bdmc"]
-            text += (
-                f"; BDMC gap {b['gap']['value']:.3f} +- {b['gap']['stderr']:.3f} on {b['n_images']} simulated images"
-            )
-    else:
-        text = f"S={s['n_samples']} prior draws shared by all images"
-    if "minus_log_px" in entry:
-        text += f"; {entry['minus_log_px']['value']:+.3f} vs * on the same images"
-    return text
-
-
 def format_table(result: dict[str, Any]) -> str:
     """One screen: each estimator and bound with its value, stderr, images and seconds, then the gaps;
     rows on fewer images than log_px in blocks of their own, which say which images they share."""
@@ -272,7 +244,7 @@ def format_table(result: dict[str, Any]) -> str:
             + (" *" if name == result["estimator"] else "")
             + (" (reused)" if name in result.get("reused", []) else "")
         )
-        row(label, e["value"], e["stderr"], e.get("n_images"), e["seconds"], describe(name, e, result["K"]))
+        row(label, e["value"], e["stderr"], e.get("n_images"), e["seconds"], ESTIMATORS[name].describe(e, result["K"]))
     for name, b in result["bounds"].items():
         label = f"bound iwae_{b['k']}" if name == "iwae_k" else f"bound {name}"
         row(label, b["value"], b["stderr"], b.get("n_images"), None, b["method"])
@@ -320,6 +292,18 @@ def checkpoint_digest(run_dir: Path) -> str:
     return hashlib.sha256((Path(run_dir) / CHECKPOINT).read_bytes()).hexdigest()
 
 
+def of_run(result: dict[str, Any], run_dir: Path, cfg: DictConfig, images: Images, step: int, digest: str) -> dict:
+    """eval.json's dict: the run, objective, data and checkpoint the estimates are of, then the estimates."""
+    checkpoint = {"step": step, "sha256": digest}
+    return {
+        "run_dir": str(run_dir),
+        "objective": cfg.objective.name,
+        "data": images.source,
+        "checkpoint": checkpoint,
+        **result,
+    }
+
+
 def evaluate_run(
     run_dir: Path,
     device: str = "auto",
@@ -361,14 +345,7 @@ def evaluate_run(
         load = load_images if data_root is not None else load_images_here  # a root the user names is not second-guessed
         images = load(data_config(cfg, data_root), cfg.seed, torch_device)
         result, per_image = evaluate(model.to(torch_device), spec, images, cfg.eval, previous, ais_everywhere=True)
-        result = {
-            "run_dir": str(run_dir),
-            "objective": cfg.objective.name,
-            "data": images.source,
-            "checkpoint": {"step": step, "sha256": digest},
-            **result,
-            "process_settings": settings,
-        }
+        result = {**of_run(result, run_dir, cfg, images, step, digest), "process_settings": settings}
         if not lock.held:
             result["lock"] = f"none ({lock.reason})"
         summary = write_evaluation(run_dir, result, per_image_lists(per_image), files.summary)

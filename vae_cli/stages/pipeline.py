@@ -173,9 +173,8 @@ def run_stages(claim: Claim, run_dir: Path) -> dict[str, Any]:
             summary = write_summary(run_dir, {**summary, "status": "drawn"})
         if "evaluate" in start.stages and cfg.eval.enabled:
             result, per_image = evaluation.evaluate(model, start.spec, images, cfg.eval)
-            checkpoint = {"step": cfg.n_train_iters, "sha256": evaluation.checkpoint_digest(run_dir)}
-            result = {"run_dir": str(run_dir), "objective": cfg.objective.name, "data": images.source,
-                      "checkpoint": checkpoint, **result}  # fmt: skip
+            digest = evaluation.checkpoint_digest(run_dir)
+            result = evaluation.of_run(result, run_dir, cfg, images, cfg.n_train_iters, digest)
             summary = write_evaluation(
                 run_dir, result, evaluation.per_image_lists(per_image), {**summary, "status": "completed"}
             )
@@ -215,7 +214,7 @@ def prepare(
     elif (run_dir / CHECKPOINT).exists() and requeued_job() and _is_requeued(cfg, run_dir):
         start = _resume(cfg, run_dir, [])
         log.info("requeued job: resuming %s from step %d", run_dir, start.state["step"] if start.state else 0)
-    elif is_run_dir(run_dir):
+    elif is_run_dir(run_dir):  # again under the lock: preflight's look was before it
         raise occupied(run_dir)
     else:
         start = StartPoint(cfg, torch.device("cpu"), source)

@@ -366,14 +366,11 @@ class StopSignals:
         signum, self.received = self.received, None
         if checkpoints.step != step:
             checkpoints.save(step)
-        name = signal.Signals(signum).name
-        run_dir = checkpoints.path.parent
+        name, resume = signal.Signals(signum).name, resume_command(checkpoints.path.parent)
         if signum in (signal.SIGINT, signal.SIGTERM):
-            summary("interrupted", step, {"signal": name, "resume": resume_command(run_dir)})
-            raise Interrupted(
-                f"interrupted at step {step} ({name}); resume with: {resume_command(run_dir)}", 128 + signum
-            )
-        summary("preempted", step, {"signal": name, "resume": resume_command(run_dir)})
+            summary("interrupted", step, {"signal": name, "resume": resume})
+            raise Interrupted(f"interrupted at step {step} ({name}); resume with: {resume}", 128 + signum)
+        summary("preempted", step, {"signal": name, "resume": resume})
         log.warning("%s at step %d: checkpoint written; handing over to submitit to requeue the job", name, step)
         previous = self._previous.get(signum)
         signal.signal(signum, previous)  # submitit's handler; it requeues and exits
