@@ -34,6 +34,7 @@ from vae_cli.stages.estimates import (
     Stopwatch,
     ais_batch_images,
     ais_settings,
+    is_linear,
     mean_stderr,
     paired_difference,
     run_quadrature,
@@ -75,7 +76,7 @@ class Check:
         return self.folder / f"{first:05d}-{end:05d}.pt"
 
     def run_chunk(self, first: int, end: int) -> None:
-        settings = ais_settings(self.cfg_eval, self.x.device)
+        settings = ais_settings(self.cfg_eval, self.x.device, is_linear(self.model))
         start = time.perf_counter()
         result = ais(self.model, self.x[first:end], settings, ais_batch_images(self.cfg_eval), first=first)
         seconds = time.perf_counter() - start

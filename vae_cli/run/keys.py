@@ -253,7 +253,15 @@ class EvalConfig:
     ais_steps: int = key(500, "AIS: intermediate distributions (sigmoid schedule)", at_least(1))
     ais_chains: int = key(16, "AIS: chains per image", at_least(1))
     ais_leapfrog: int = key(5, "AIS: leapfrog steps per HMC transition", at_least(1))
-    ais_step_size: float = key(0.1, "AIS: initial HMC step size (adapted to 0.65 acceptance)", POSITIVE)
+    ais_step_size: float | None = key(
+        None,
+        "AIS: the pilot's initial HMC step size, in the mass matrix's units; null = pi / (2 ais_leapfrog), its cap",
+        POSITIVE,
+    )
+    ais_mass_matrix: bool | None = key(
+        None,
+        "AIS: the pilot's diagonal mass matrix I + beta H; null = for a linear decoder (measured worse on an MLP's), false = I",
+    )
     ais_n_images: int | None = key(
         None, f"AIS: images, the first N; null = {AIS_N_IMAGES.text()}; 0 = all", at_least(0)
     )

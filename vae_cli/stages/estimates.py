@@ -15,7 +15,16 @@ from typing import Any
 import torch
 
 from vae_cli.errors import ConfigError
-from vae_cli.maths.ais import SIGMOID_SCALE, TARGET_ACCEPTANCE, AISSettings, ais, bdmc
+from vae_cli.maths.ais import (
+    PILOT_CHAINS,
+    SIGMOID_SCALE,
+    STRETCHES,
+    TARGET_ACCEPTANCE,
+    AISSettings,
+    ais,
+    bdmc,
+    max_step_size,
+)
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import encoder_statistics, importance_sums, weighted_sums
 from vae_cli.maths.linear_gaussian import CHUNK_ROWS, LinearGaussian
@@ -97,9 +106,11 @@ def ais_sizes(cfg_eval: Any, device: torch.device, n_images: int) -> tuple[int, 
     return n, _per_device(cfg_eval.bdmc_n_images, BDMC_N_IMAGES, device)
 
 
-def ais_settings(cfg_eval: Any, device: torch.device) -> AISSettings:
-    """The AIS schedule, chains and seed of cfg_eval, with the gradient's dtype on `device`."""
+def ais_settings(cfg_eval: Any, device: torch.device, linear_decoder: bool) -> AISSettings:
+    """The AIS schedule, chains and seed of cfg_eval, with the gradient's dtype on `device` and the
+    mass matrix where eval.ais_mass_matrix (null: for a linear decoder) says."""
     bf16 = has_native_bf16(device) if cfg_eval.ais_bf16_gradients is None else cfg_eval.ais_bf16_gradients
+    mass = linear_decoder if cfg_eval.ais_mass_matrix is None else cfg_eval.ais_mass_matrix
     return AISSettings(
         steps=cfg_eval.ais_steps,
         chains=cfg_eval.ais_chains,
@@ -107,7 +118,13 @@ def ais_settings(cfg_eval: Any, device: torch.device) -> AISSettings:
         step_size=cfg_eval.ais_step_size,
         seed=cfg_eval.seed,
         gradient_dtype=torch.bfloat16 if bf16 else torch.float32,
+        mass_matrix=mass,
     )
+
+
+def is_linear(model: LatentVariableModel) -> bool:
+    """The model's decoder is f(z) = W z + b (model=linear), as its spec's decoder says."""
+    return isinstance(model.decoder.net, torch.nn.Linear)
 
 
 def ais_batch_images(cfg_eval: Any) -> int:
@@ -169,14 +186,16 @@ def _plan_prior_mc(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int)
 
 def _plan_ais(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
     n, n_simulated = ais_sizes(cfg_eval, device, n)
-    settings = ais_settings(cfg_eval, device)
+    settings = ais_settings(cfg_eval, device, spec.decoder == "linear")
     described = {
         "steps": settings.steps,
         "schedule": f"sigmoid, delta={SIGMOID_SCALE:g} (Grosse et al. 2015)",
         "chains": settings.chains,
         "leapfrog": settings.leapfrog,
-        "initial_step_size": settings.step_size,
-        "target_acceptance": TARGET_ACCEPTANCE,
+        "initial_step_size": max_step_size(settings.leapfrog) if settings.step_size is None else settings.step_size,
+        "max_step_size": max_step_size(settings.leapfrog),
+        "mass_matrix": "diagonal, I + beta H from the pilot's secants" if settings.mass_matrix else "identity",
+        "pilot": {"chains": PILOT_CHAINS, "stretches": STRETCHES, "target_acceptance": TARGET_ACCEPTANCE},
         "gradients": str(settings.gradient_dtype).removeprefix("torch."),  # energies and weights: float32
         "seed": settings.seed,
         "n_images": n,
@@ -253,7 +272,7 @@ def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned:
 def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
     """AIS from p(z) to p(z|x) on the first eval.ais_n_images images, then BDMC on images simulated
     from the model: forward and reverse AIS bracket their log p(x), the gap is AIS's precision."""
-    settings = ais_settings(cfg_eval, x.device)
+    settings = ais_settings(cfg_eval, x.device, is_linear(model))
     batch = ais_batch_images(cfg_eval)
     forward = ais(model, x[: planned.n_images], settings, batch)
     estimate = forward.estimate()
@@ -328,6 +347,8 @@ def _describe_ais(entry: dict[str, Any], K: int) -> str:
         f"{s['steps']} steps (sigmoid), {s['chains']} chains, HMC {s['leapfrog']} leapfrog "
         f"({s.get('gradients', 'float32')} gradients), acceptance {entry['acceptance']:.2f}"  # older eval.json: float32
     )
+    if "pilot" in s:  # older eval.json: chains that adapted their own eps
+        text += f", its mass matrix and step size from a {s['pilot']['chains']}-chain pilot"
     if "bdmc" in entry:
         b = entry["bdmc"]
         text += f"; BDMC gap {b['gap']['value']:.3f} +- {b['gap']['stderr']:.3f} on {b['n_images']} simulated images"
@@ -353,8 +374,9 @@ def _memory_prior_mc(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[t
 
 
 def _memory_ais(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
-    # every draw of a batch of images is made up front: momenta and accept uniforms for every step
-    latents = ais_batch_images(cfg_eval) * cfg_eval.ais_chains
+    # every draw of a batch of images is made up front, the pilot's and then the weighted pass's:
+    # momenta and accept uniforms for every step
+    latents = ais_batch_images(cfg_eval) * (cfg_eval.ais_chains + PILOT_CHAINS)
     return [("eval.ais_steps, eval.batch_size", cfg_eval.ais_steps * latents * (spec.K + 1) * FLOAT_BYTES)]
 
 
