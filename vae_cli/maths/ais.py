@@ -146,12 +146,13 @@ class _Likelihood:
 
 @dataclass(frozen=True)
 class _Step:
-    """What one HMC transition saw: its accepts (n, C) and the secants of its leapfrog steps, summed
-    per coordinate: -dg dz and dz^2 (n, C, K), whose ratio is H's diagonal for a quadratic log p(x|z)."""
+    """What one HMC transition saw: its accepts (n, C) and, where asked, the secants of its leapfrog
+    steps, summed per coordinate: -dg dz and dz^2 (n, C, K), whose ratio is H's diagonal for a
+    quadratic log p(x|z)."""
 
     accept: torch.Tensor
-    secant: torch.Tensor
-    squares: torch.Tensor
+    secant: torch.Tensor | None
+    squares: torch.Tensor | None
 
 
 class _Chains:
@@ -169,13 +170,16 @@ class _Chains:
         momentum: torch.Tensor,
         uniform: torch.Tensor,
         leapfrog: int,
+        secants: bool,
     ) -> _Step:
         """One HMC transition leaving f(z) = p(z) p(x|z)^beta invariant: U(z) = |z|^2 / 2 - beta log p(x|z),
-        kinetic energy p M^-1 p / 2 with M = diag(mass) (n, 1, K), step eps (n, 1, 1)."""
+        kinetic energy p M^-1 p / 2 with M = diag(mass) (n, 1, K), step eps (n, 1, 1); `secants`: sum them."""
         z, ll, grad_ll = self.z, self.ll, self.grad_ll
         p = momentum * mass.sqrt()  # ~ N(0, M)
         energy = 0.5 * (z * z).sum(-1) - beta * ll + 0.5 * (p * p / mass).sum(-1)
-        secant, squares = torch.zeros_like(z), torch.zeros_like(z)
+        secant = squares = None
+        if secants:
+            secant, squares = torch.zeros_like(z), torch.zeros_like(z)
         p = p - 0.5 * eps * (z - beta * grad_ll)
         for step in range(1, leapfrog + 1):
             z_before, grad_before = z, grad_ll
@@ -185,10 +189,11 @@ class _Chains:
                 p = p - eps * (z - beta * grad_ll)
             else:
                 ll, grad_ll = self.likelihood.value_and_grad(z)  # the energy at the proposal is float32
-            dz, dg = z - z_before, grad_ll - grad_before
-            finite = (torch.isfinite(dz) & torch.isfinite(dg)).all(-1, keepdim=True)
-            secant += torch.where(finite, -dg * dz, 0.0)
-            squares += torch.where(finite, dz * dz, 0.0)
+            if secants:
+                dz, dg = z - z_before, grad_ll - grad_before
+                finite = (torch.isfinite(dz) & torch.isfinite(dg)).all(-1, keepdim=True)
+                secant += torch.where(finite, -dg * dz, 0.0)
+                squares += torch.where(finite, dz * dz, 0.0)
         p = p - 0.5 * eps * (z - beta * grad_ll)  # the last half step
         new_energy = 0.5 * (z * z).sum(-1) - beta * ll + 0.5 * (p * p / mass).sum(-1)
         accept = torch.log(uniform) < (energy - new_energy)  # NaN energies compare False: rejected
@@ -209,6 +214,7 @@ class _Kernels:
 
     curvature: torch.Tensor
     step_size: torch.Tensor
+    measures_curvature = False  # fixed: its transitions' secants are not needed
 
     def at(self, j: int, beta: float, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = _stretch(j, steps)
@@ -224,7 +230,8 @@ class _Pilot:
     values are recorded for the weighted pass."""
 
     def __init__(self, n: int, K: int, settings: AISSettings, device: torch.device) -> None:
-        self.steps, self.cap, self.mass_matrix = settings.steps, max_step_size(settings.leapfrog), settings.mass_matrix
+        self.steps, self.cap = settings.steps, max_step_size(settings.leapfrog)
+        self.measures_curvature = settings.mass_matrix  # else H stays 0: M = I
         initial = self.cap if settings.step_size is None else min(settings.step_size, self.cap)
         self.eps = torch.full((n,), initial, device=device)
         self.rate = torch.full((n,), TARGET_ACCEPTANCE, device=device)
@@ -236,7 +243,7 @@ class _Pilot:
         return (1 + beta * self.curvature).unsqueeze(1), self.eps[:, None, None]
 
     def observe(self, j: int, step: _Step) -> None:
-        if self.mass_matrix:  # else H stays 0: M = I
+        if self.measures_curvature:
             self.secant = CURVATURE_DECAY * self.secant + step.secant.sum(1)
             self.squares = CURVATURE_DECAY * self.squares + step.squares.sum(1)
             self.curvature = (self.secant / self.squares).nan_to_num(0.0).clamp(0, MAX_CURVATURE)  # 0/0: no secant yet
@@ -265,7 +272,9 @@ def _anneal(
         log_w += (betas[t] - betas[t - 1]) * chains.ll.double()  # log f_t(z_{t-1}) - log f_{t-1}(z_{t-1})
         j = T - t if reverse else t  # the index of the beta this transition leaves invariant
         mass, eps = kernels.at(j, betas[t], T)
-        step = chains.hmc(betas[t], mass, eps, momenta[t - 1], uniforms[t - 1], settings.leapfrog)
+        step = chains.hmc(
+            betas[t], mass, eps, momenta[t - 1], uniforms[t - 1], settings.leapfrog, kernels.measures_curvature
+        )
         kernels.observe(j, step)
         accepted += step.accept
     return log_w, accepted
