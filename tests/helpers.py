@@ -27,7 +27,8 @@ from vae_cli.commands.app import register_configs
 from vae_cli.commands.train import main as train_main
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import importance_sums, weighted_sums
-from vae_cli.maths.spec import LikelihoodSpec, ModelSpec
+from vae_cli.maths.likelihoods import likelihood_spec
+from vae_cli.maths.spec import ModelSpec
 from vae_cli.run.checkpoint import load_checkpoint
 from vae_cli.run.data import Images
 from vae_cli.run.rundir import CHECKPOINT, LOSSES, SUMMARY
@@ -208,7 +209,7 @@ def iwae_bound(model, x, k: int, n_repeats: int = 1, seed: int = 0) -> torch.Ten
 
 def mlp_spec(K: int, hidden: int = 32, depth: int = 2, encoder: bool = False, likelihood: str = "bernoulli"):
     """The shape of a small MLP model with Bernoulli (or other) pixels, and its encoder where asked."""
-    from_likelihood = LikelihoodSpec(likelihood, sigma_min=1e-3)
+    from_likelihood = likelihood_spec(likelihood)
     extra = {"encoder": "mlp", "encoder_hidden": hidden, "encoder_depth": depth} if encoder else {}
     return ModelSpec(K, "mlp", from_likelihood, hidden=hidden, depth=depth, activation="elu", **extra)
 

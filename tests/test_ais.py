@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 
 from vae_cli.maths import ais as ais_module
 from vae_cli.maths.ais import AISSettings, ais, bdmc, max_step_size, sigmoid_schedule, simulate
+from vae_cli.maths.likelihoods import likelihood_spec
 from vae_cli.maths.models import build_model
-from vae_cli.maths.spec import LikelihoodSpec, ModelSpec
+from vae_cli.maths.spec import ModelSpec
 from vae_cli.run.keys import EvalConfig
 from vae_cli.stages import estimates
 from vae_cli.stages.estimates import ais_settings, ais_sizes
@@ -42,7 +43,7 @@ def linear_model(K: int, sigma: float = 0.1, seed: int = 0):
     """pPCA with orthogonal columns of W (so H, -d^2 log p(x|z) / dz^2 = W^T W / sigma^2, is diagonal) whose
     posterior sd is 0.7 to 0.2 (as in the README's trained linear models): log p(x) exact at any K."""
     generator = torch.Generator().manual_seed(seed)
-    model = build_model(ModelSpec(K, "linear", LikelihoodSpec("gaussian", sigma=sigma, sigma_min=1e-3)))
+    model = build_model(ModelSpec(K, "linear", likelihood_spec("gaussian", sigma=sigma, sigma_min=1e-3)))
     columns, _ = torch.linalg.qr(torch.randn(784, K, generator=generator))
     with torch.no_grad():
         model.decoder.net.weight.copy_(columns * torch.linspace(0.1, 0.5, K))
@@ -188,7 +189,7 @@ def test_without_the_mass_matrix_the_pilot_leaves_m_the_identity():
     model = linear_model(K=3)
     x, _ = simulate(model, 2, seed=6)
     schedule = dataclasses.replace(settings(steps=20, chains=2), mass_matrix=False)
-    kernels = ais_module._pilot(ais_module._Likelihood(model, model, x), len(x), 0, schedule, model.K, x.device)
+    kernels = ais_module._pilot(ais_module._Likelihood(model, model, x), len(x), 0, schedule, model.K, x.device, "ais")
     assert (kernels.curvature == 0).all()
 
 
@@ -199,7 +200,7 @@ def test_the_pilot_measures_the_curvature_of_log_px_given_z():
     curvature = (model.decoder.net.weight**2).sum(0) / 0.1**2
     schedule = settings(steps=50, chains=4)
     likelihood = ais_module._Likelihood(model, model, x)
-    kernels = ais_module._pilot(likelihood, len(x), 0, schedule, model.K, x.device)
+    kernels = ais_module._pilot(likelihood, len(x), 0, schedule, model.K, x.device, "ais")
     assert torch.allclose(kernels.curvature, curvature.expand_as(kernels.curvature), rtol=1e-3)
     assert (kernels.step_size <= max_step_size(schedule.leapfrog)).all() and (kernels.step_size > 0).all()
 

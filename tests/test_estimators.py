@@ -12,8 +12,8 @@ from torch import nn
 
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import importance_sums, weighted_sums
-from vae_cli.maths.likelihoods import Bernoulli as BernoulliPixels
-from vae_cli.maths.likelihoods import bernoulli_log_likelihood, bernoulli_log_likelihood_shared
+from vae_cli.maths.likelihoods.kernels import Bernoulli as BernoulliPixels
+from vae_cli.maths.likelihoods.kernels import bernoulli_log_likelihood, bernoulli_log_likelihood_shared
 from vae_cli.maths.models import Decoder, Encoder, LatentVariableModel
 
 K = 2

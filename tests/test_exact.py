@@ -10,7 +10,7 @@ from helpers import compose_config
 from torch.distributions import Bernoulli
 
 from vae_cli.errors import ConfigError
-from vae_cli.maths.likelihoods import Bernoulli as BernoulliPixels
+from vae_cli.maths.likelihoods.kernels import Bernoulli as BernoulliPixels
 from vae_cli.maths.models import Decoder, Encoder, LatentVariableModel
 from vae_cli.maths.objectives import OBJECTIVES
 from vae_cli.run.config import validate

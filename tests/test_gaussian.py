@@ -21,9 +21,10 @@ from helpers import (
     vae_train,
 )
 
-from vae_cli.maths.likelihoods import Gaussian
+from vae_cli.maths.likelihoods import likelihood_spec
+from vae_cli.maths.likelihoods.kernels import Gaussian
 from vae_cli.maths.models import build_model
-from vae_cli.maths.spec import LikelihoodSpec, ModelSpec
+from vae_cli.maths.spec import ModelSpec
 from vae_cli.run.config import data_config, model_spec, validate
 from vae_cli.run.data import DEQUANTIZATION_VARIANCE, LEVELS, load_images
 from vae_cli.run.rundir import EVAL, EVAL_IMAGES, read_per_image
@@ -48,7 +49,7 @@ CHEAP_EVAL = [
 
 def linear_model(K: int, sigma: float = 0.6, per_pixel: bool = False, seed: int = 0):
     torch.manual_seed(seed)
-    spec = ModelSpec(K, "linear", LikelihoodSpec("gaussian", sigma=None, per_pixel=per_pixel, sigma_min=1e-3))
+    spec = ModelSpec(K, "linear", likelihood_spec("gaussian", sigma=None, per_pixel=per_pixel, sigma_min=1e-3))
     model = build_model(spec, pixel_sd=torch.full((784,), sigma))
     with torch.no_grad():
         model.decoder.net.weight.mul_(0.3)
@@ -72,7 +73,7 @@ def test_the_gaussian_likelihood_shared_and_per_image_agree_at_a_small_sigma():
     """|x - mu|^2 as one matrix product cancels ~1e8-sized terms at sigma 1e-3: computed in float64, it
     equals the direct float32 sum of squares to float32's precision, not to whole nats."""
     torch.manual_seed(0)
-    lik = Gaussian(LikelihoodSpec("gaussian", sigma=0.002), 784)
+    lik = Gaussian(likelihood_spec("gaussian", sigma=0.002), 784)
     x = torch.rand(4, 784)
     mu = x[:1] + 0.001 * torch.randn(6, 784)
     shared = lik.log_prob_shared(x, mu)
@@ -82,13 +83,13 @@ def test_the_gaussian_likelihood_shared_and_per_image_agree_at_a_small_sigma():
 
 
 def test_a_learned_sigma_never_goes_below_its_floor_and_starts_at_the_pixels_spread():
-    lik = Gaussian(LikelihoodSpec("gaussian", sigma_min=0.01), 784, initial_sigma=torch.full((784,), 0.2))
+    lik = Gaussian(likelihood_spec("gaussian", sigma_min=0.01), 784, pixel_sd=torch.full((784,), 0.2))
     assert lik.sigma().item() == pytest.approx(0.2, rel=1e-5)
     with torch.no_grad():
         lik.raw_sigma.fill_(-1e4)
     assert lik.sigma().item() == pytest.approx(0.01)
     per_pixel = Gaussian(
-        LikelihoodSpec("gaussian", per_pixel=True, sigma_min=0.01), 784, torch.linspace(0.05, 0.5, 784)
+        likelihood_spec("gaussian", per_pixel=True, sigma_min=0.01), 784, torch.linspace(0.05, 0.5, 784)
     )
     torch.testing.assert_close(per_pixel.sigma(), torch.linspace(0.05, 0.5, 784))
 
@@ -113,7 +114,7 @@ def test_grey_levels_are_dequantized_8_bit_values_the_test_set_once():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.binarization=none"], "Bernoulli pixels need binary images"),
+        (["data.binarization=none"], "with likelihood=bernoulli: it models binary images"),
         (["likelihood=gaussian"], "likelihood.allow_binary_data=true"),
         ([*GREY, "likelihood.sigma=0.1", "likelihood.per_pixel=true"], "a fixed sigma is one value"),
         ([*GREY, "likelihood.sigma=0"], "likelihood.sigma=0"),

@@ -14,8 +14,8 @@ from vae_cli.maths.densities import (
     log_mean_exp,
     standard_normal_log_prob,
 )
-from vae_cli.maths.likelihoods import Bernoulli as BernoulliPixels
-from vae_cli.maths.likelihoods import bernoulli_log_likelihood
+from vae_cli.maths.likelihoods.kernels import Bernoulli as BernoulliPixels
+from vae_cli.maths.likelihoods.kernels import bernoulli_log_likelihood
 from vae_cli.maths.models import Decoder, Encoder, LatentVariableModel
 from vae_cli.maths.objectives import OBJECTIVES
 from vae_cli.run.keys import schema_of

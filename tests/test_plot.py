@@ -17,7 +17,7 @@ from PIL import Image
 from vae_cli.commands.plot import main as plot_main
 from vae_cli.errors import DataError
 from vae_cli.maths.grid_posterior import GridPosterior, grid_posterior, zoom_window
-from vae_cli.maths.likelihoods import Bernoulli, bernoulli_log_likelihood
+from vae_cli.maths.likelihoods.kernels import Bernoulli, bernoulli_log_likelihood
 from vae_cli.maths.models import Decoder, LatentVariableModel
 from vae_cli.run.rundir import collect
 from vae_cli.stages import comparison, drawing_sweep

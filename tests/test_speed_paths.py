@@ -15,8 +15,8 @@ from torch import nn
 from torch.distributions import Bernoulli
 
 from vae_cli.errors import ConfigError
-from vae_cli.maths.likelihoods import Bernoulli as BernoulliPixels
-from vae_cli.maths.likelihoods import bernoulli_log_likelihood, bernoulli_log_likelihood_shared
+from vae_cli.maths.likelihoods.kernels import Bernoulli as BernoulliPixels
+from vae_cli.maths.likelihoods.kernels import bernoulli_log_likelihood, bernoulli_log_likelihood_shared
 from vae_cli.maths.models import Decoder, LatentVariableModel, build_model
 from vae_cli.maths.objectives import OBJECTIVES
 from vae_cli.run.config import model_spec, validate

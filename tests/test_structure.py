@@ -16,9 +16,10 @@ from helpers import compose_config, images_of, mlp_spec
 
 from vae_cli.commands import evaluate as evaluate_command
 from vae_cli.commands.readme import with_table
+from vae_cli.maths.likelihoods import likelihood_spec
 from vae_cli.maths.models import build_model
 from vae_cli.maths.objectives import OBJECTIVES
-from vae_cli.maths.spec import LikelihoodSpec, ModelSpec
+from vae_cli.maths.spec import ModelSpec
 from vae_cli.run import keys
 from vae_cli.stages import estimates, evaluation, tracking
 
@@ -50,7 +51,9 @@ def test_the_registries_name_the_same_choices():
 SPECS = {
     "mlp K=2": mlp_spec(2),
     "mlp K=3 encoder": mlp_spec(3, encoder=True),
-    "linear K=4 gaussian encoder": ModelSpec(4, "linear", LikelihoodSpec("gaussian", sigma_min=1e-3), encoder="linear"),
+    "linear K=4 gaussian encoder": ModelSpec(
+        4, "linear", likelihood_spec("gaussian", sigma_min=1e-3), encoder="linear"
+    ),
 }
 
 

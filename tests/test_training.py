@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vae_cli.errors import RunDirError
-from vae_cli.maths.likelihoods import Bernoulli
+from vae_cli.maths.likelihoods.kernels import Bernoulli
 from vae_cli.maths.models import Decoder, LatentVariableModel, build_model
 from vae_cli.maths.objectives import OBJECTIVES, Loss, Objective
 from vae_cli.run.checkpoint import load_checkpoint

@@ -29,6 +29,7 @@ from vae_cli.maths.models import LatentVariableModel
 from vae_cli.run.checkpoint import load_model
 from vae_cli.run.config import data_config, eval_config, model_spec, typed_config
 from vae_cli.run.data import load_images_here
+from vae_cli.run.keys import EVERY_IMAGE
 from vae_cli.run.rundir import read_run
 from vae_cli.stages import estimates
 
@@ -59,7 +60,8 @@ class Run:
         the closed form where it exists, else the quadrature where K <= 2, else the run's eval.ais choice
         (AIS, or importance / prior MC where it is false). `settings` are eval.* keys without the
         prefix (ais_steps=1000, importance_k=5000, ...); the rest are the run's."""
-        cfg_eval = eval_config(self._cfg.get("eval"), {"n_images": None, **settings})
+        # every image given, not the CPU's default subsets, and no BDMC: only the images' own values are returned
+        cfg_eval = eval_config(self._cfg.get("eval"), {**settings, **EVERY_IMAGE, "bdmc_n_images": 0})
         spec = model_spec(self._cfg)
         x = torch.as_tensor(x, dtype=torch.float32).to(self.device)
         if estimator == "auto":
@@ -70,10 +72,6 @@ class Run:
                 f"invalid estimator {estimator!r} for this run (K={spec.K}, model={spec.decoder}, "
                 f"likelihood={spec.likelihood.name}): allowed auto, {', '.join(applicable)}"
             )
-        if estimator == "importance":  # every image given, not the CPU's default subset
-            cfg_eval.importance_n_images = 0
-        if estimator == "ais":
-            cfg_eval.ais_n_images, cfg_eval.bdmc_n_images = 0, 0
         planned = estimates.ESTIMATORS[estimator].plan(spec, cfg_eval, self.device, len(x))
         with torch.no_grad(), estimates.float32_matmuls():
             _, values, _ = estimates.ESTIMATORS[estimator].run(

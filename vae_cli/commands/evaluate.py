@@ -12,7 +12,7 @@ from vae_cli.commands.boundary import COMMANDS, OneLineParser, full_traceback, o
 from vae_cli.errors import RunDirError, UserError
 from vae_cli.run import keys
 from vae_cli.run.config import eval_config
-from vae_cli.run.keys import DEVICES, shown_default
+from vae_cli.run.keys import DEVICES, EVERY_IMAGE, shown_default
 from vae_cli.run.rundir import EVAL, EVAL_IMAGES, SUMMARY, find_runs
 
 NOT_FLAGS = ("enabled",)  # eval.* keys that mean nothing to vae-eval
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     overrides = {k.path[5:]: getattr(args, k.path[5:]) for k in eval_keys() if getattr(args, k.path[5:]) is not None}
     if args.full:  # every image for every estimator, whatever the run's own eval.* said
-        overrides.update(n_images=None, importance_n_images=0, ais_n_images=0)
+        overrides.update(EVERY_IMAGE)
     with user_errors("vae-eval"):
         eval_config(None, overrides)  # a bad option fails once, before any run is loaded
     runs, failed = [], 0

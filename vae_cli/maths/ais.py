@@ -26,7 +26,9 @@ each leaves f_t invariant, E[w] = p(x) exactly, and BDMC's reverse pass runs the
 (Adapting a chain's kernel from its own past instead biases the weights: measured 1.1 nats above
 log p(x) on a linear-Gaussian model with K=50.) One decoder pass over images x chains latents gives
 log p(x|z) and, by backward, its gradient in z. Every random draw of an image comes from its own
-seeded generator, so no result depends on the batch size.
+stream (vae_cli.maths.streams), keyed by the pass (the pilot, the chains, BDMC's reverse chains)
+and the image: no result depends on the batch size, and the pilot's kernels are independent of
+the chains they move.
 
 The gradient may come from a bf16 copy of the decoder (`gradient_dtype`): it only steers the
 leapfrog proposal. Any force that is a fixed function of z keeps the leapfrog map reversible and
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vae_cli.maths import streams
 from vae_cli.maths.models import LatentVariableModel
 
 SIGMOID_SCALE = 4.0  # delta of the sigmoid schedule (Grosse et al. 2015, sec. 6)
@@ -54,6 +57,8 @@ CURVATURE_DECAY = 0.8  # the pilot's weight of its earlier secants against one t
 MAX_CURVATURE = 1e8  # H's cap: posterior sd >= 1e-4
 PILOT_CHAINS = 4  # chains per image of the pilot pass
 STRETCHES = 50  # the schedule's stretches, each with one kernel per image
+# the streams of the draws (vae_cli.maths.streams): test images' AIS, and BDMC's simulated images and their chains
+PILOT, REVERSE, BDMC, SIMULATE = ".pilot", ".reverse", "bdmc", "bdmc.simulate"
 
 
 @dataclass(frozen=True)
@@ -91,20 +96,19 @@ def max_step_size(leapfrog: int) -> float:
 
 
 def _noise(
-    n: int, first: int, settings: AISSettings, K: int, device: torch.device, chains: int, pilot: bool = False
+    n: int, first: int, settings: AISSettings, K: int, device: torch.device, chains: int, purpose: str
 ) -> tuple[torch.Tensor, ...]:
-    """Per image, from its own generator seeded by (seed, image index, pass): the start z_0 ~ p(z)
-    (n, C, K), the momenta (T, n, C, K) and the accept uniforms (T, n, C)."""
+    """Per image, from its own stream (seed, purpose, image index): the start z_0 ~ p(z) (n, C, K),
+    the momenta (T, n, C, K) and the accept uniforms (T, n, C)."""
     T, C = settings.steps, chains
-    generator = torch.Generator(device=device)
     z0 = torch.empty(n, C, K, device=device)
     momenta = torch.empty(T, n, C, K, device=device)
     uniforms = torch.empty(T, n, C, device=device)
     for i in range(n):
-        generator.manual_seed((settings.seed << 32) + first + i + (pilot << 63))  # seed < 2^31: no overlap
-        z0[i] = torch.randn(C, K, generator=generator, device=device)
-        momenta[:, i] = torch.randn(T, C, K, generator=generator, device=device)
-        uniforms[:, i] = torch.rand(T, C, generator=generator, device=device)
+        generator = streams.stream(settings.seed, purpose, first + i)
+        z0[i] = streams.normal(generator, (C, K), device)
+        momenta[:, i] = streams.normal(generator, (T, C, K), device)
+        uniforms[:, i] = streams.uniform(generator, (T, C), device)
     return z0, momenta, uniforms
 
 
@@ -281,10 +285,10 @@ def _anneal(
 
 
 def _pilot(
-    likelihood: _Likelihood, n: int, first: int, settings: AISSettings, K: int, device: torch.device
+    likelihood: _Likelihood, n: int, first: int, settings: AISSettings, K: int, device: torch.device, purpose: str
 ) -> _Kernels:
-    """The kernels of a batch of images, from a forward pilot pass with its own draws."""
-    noise = _noise(n, first, settings, K, device, PILOT_CHAINS, pilot=True)
+    """The kernels of a batch of images, from a forward pilot pass with draws of its own stream."""
+    noise = _noise(n, first, settings, K, device, PILOT_CHAINS, purpose + PILOT)
     pilot = _Pilot(n, K, settings, device)
     _anneal(_Chains(likelihood, noise[0]), sigmoid_schedule(settings.steps).tolist(), pilot, noise, settings, False)
     return pilot.record
@@ -297,12 +301,15 @@ def ais(
     batch_size: int,
     start: torch.Tensor | None = None,
     first: int = 0,
+    purpose: str = "ais",
 ) -> AISResult:
     """AIS log-weights of every image x (N, 784): forward from z_0 ~ p(z), or, given `start` (N, K),
     exact posterior samples, in reverse from beta = 1 to 0 with every chain starting there; both with
     the kernels of the same forward pilot.
 
-    `first`: the index of x[0] in the data set (it seeds the image's draws)."""
+    `first`: the index of x[0] in the data set, `purpose` the stream's name: with the image's index they
+    key its draws (vae_cli.maths.streams): the pilot's under purpose + ".pilot", the reverse chains'
+    under purpose + ".reverse", so the forward and reverse passes share the pilot's kernels only."""
     betas = sigmoid_schedule(settings.steps).tolist()
     if start is not None:
         betas = betas[::-1]
@@ -311,8 +318,9 @@ def ais(
     for offset in range(0, len(x), batch_size):
         xb = x[offset : offset + batch_size]
         likelihood = _Likelihood(model, gradient_model, xb)
-        kernels = _pilot(likelihood, len(xb), first + offset, settings, model.K, x.device)
-        noise = _noise(len(xb), first + offset, settings, model.K, x.device, settings.chains)
+        kernels = _pilot(likelihood, len(xb), first + offset, settings, model.K, x.device, purpose)
+        chains_purpose = purpose + (REVERSE if start is not None else "")
+        noise = _noise(len(xb), first + offset, settings, model.K, x.device, settings.chains, chains_purpose)
         z0 = noise[0]
         if start is not None:
             z0 = start[offset : offset + batch_size].unsqueeze(1).expand_as(z0).clone()
@@ -325,11 +333,12 @@ def ais(
 
 @torch.no_grad()
 def simulate(model: LatentVariableModel, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n images from the model with the latents that made them: z ~ p(z), x ~ p(x|z); (x, z)."""
-    generator = torch.Generator().manual_seed(seed)
+    """n images from the model with the latents that made them: z ~ p(z), x ~ p(x|z); (x, z), from the
+    stream (seed, "bdmc.simulate") of their own."""
+    generator = streams.stream(seed, SIMULATE)
     device = next(model.parameters()).device
-    z = torch.randn(n, model.K, generator=generator).to(device)
-    x = model.likelihood.sample(model.decoder(z).float().cpu(), generator).to(device)
+    z = streams.normal(generator, (n, model.K), device)
+    x = model.likelihood.sample(model.decoder(z).float().cpu(), streams.torch_generator(generator)).to(device)
     return x, z
 
 
@@ -345,6 +354,6 @@ def bdmc(model: LatentVariableModel, n: int, settings: AISSettings, batch_size: 
     """Bidirectional Monte Carlo on n images simulated from the model: forward and reverse AIS
     with the same settings; their gap bounds the error of forward AIS on those images."""
     x, z = simulate(model, n, settings.seed)
-    forward = ais(model, x, settings, batch_size)
-    reverse = ais(model, x, settings, batch_size, start=z)
+    forward = ais(model, x, settings, batch_size, purpose=BDMC)
+    reverse = ais(model, x, settings, batch_size, start=z, purpose=BDMC)
     return BDMCResult(forward.estimate(), reverse.estimate(reverse=True), forward, reverse)

@@ -11,7 +11,8 @@
 Points shared by every image (the grid, prior draws) are decoded once, and log p(x|z_g) for
 a batch of images against a chunk of points is one matrix product; sums over chunks are
 running logsumexps, so memory is bounded by `chunk_elements` floats whatever the number of
-points. Importance draws are seeded per image, so no result depends on the batch size.
+points. Every draw comes from its own stream (vae_cli.maths.streams), per image where it is an
+image's, so no result depends on the batch size.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vae_cli.maths import streams
 from vae_cli.maths.densities import (
     diagonal_normal_log_prob,
     kl_to_standard_normal,
@@ -92,16 +94,17 @@ class ImportanceSums:
     iwae: torch.Tensor  # (N,) mean over the k // iwae_k groups of log (1/iwae_k) sum_{s in group} w_s
 
 
+IMPORTANCE_STREAM = "importance"
+
+
 def importance_noise(
     n: int, k: int, K: int, seed: int, first: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """eps (n, k, K) ~ N(0, I) for images first..first+n-1, each image from its own seeded stream,
-    so an image gets the same draws whatever batch it is evaluated in."""
-    generator = torch.Generator(device=device)
+    """eps (n, k, K) ~ N(0, I) for images first..first+n-1, each image from its own stream
+    (vae_cli.maths.streams), so an image gets the same draws whatever batch it is evaluated in."""
     eps = torch.empty(n, k, K, device=device, dtype=dtype)
     for i in range(n):
-        generator.manual_seed((seed << 32) + first + i)
-        eps[i] = torch.randn(k, K, generator=generator, device=device, dtype=dtype)
+        eps[i] = streams.normal(streams.stream(seed, IMPORTANCE_STREAM, first + i), (k, K), device)
     return eps
 
 

@@ -1,16 +1,16 @@
 """The exact posterior p(z|x) of a K=2 model on a grid: p(x|z) p(z) normalized over the grid's
-points in log space, with log p(x) by the midpoint rule and E_p(z) log p(x|z) on the same points.
-The figures draw it; the Python API hands it out (Run.posterior)."""
+points in log space, with log p(x) and E_p(z) log p(x|z) by the midpoint rule on the same points
+(densities.quadrature_grid: the evaluation's convention). The figures draw it; the Python API hands
+it out (Run.posterior)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vae_cli.maths.densities import standard_normal_log_prob
+from vae_cli.maths.densities import grid_axis, quadrature_grid
 from vae_cli.maths.models import LatentVariableModel
 from vae_cli.maths.spec import Z_LIMIT
 
@@ -25,12 +25,19 @@ class GridPosterior:
     z2: np.ndarray  # (n,) grid coordinates along z2 (rows, bottom to top: draw with origin="lower")
     log_prior: np.ndarray  # (n, n) log p(z_g) normalized over the grid
     log_posterior: np.ndarray  # (N, n, n) log p(z_g | x_i) normalized over the grid
-    log_px: np.ndarray  # (N,) quadrature estimate log sum_g p(x|z_g) p(z_g) dA
-    jensen: np.ndarray  # (N,) E_p(z) log p(x|z), the prior renormalized to the grid
+    log_px: np.ndarray  # (N,) the midpoint rule, log sum_g p(x|z_g) p(z_g) h^2
+    jensen: np.ndarray  # (N,) E_p(z) log p(x|z) by the same rule
 
     @property
     def extent(self) -> tuple[float, float, float, float]:
-        return (float(self.z1[0]), float(self.z1[-1]), float(self.z2[0]), float(self.z2[-1]))
+        """The cells' outer edges: each point is the midpoint of its cell."""
+        h1, h2 = float(self.z1[1] - self.z1[0]), float(self.z2[1] - self.z2[0])
+        return (
+            float(self.z1[0]) - h1 / 2,
+            float(self.z1[-1]) + h1 / 2,
+            float(self.z2[0]) - h2 / 2,
+            float(self.z2[-1]) + h2 / 2,
+        )
 
     def moments(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation (per axis) of p(z|x_i) on the grid."""
@@ -51,24 +58,23 @@ def grid_posterior(
 ) -> GridPosterior:
     """The exact posterior of a K=2 model for each image in x (N, 784) on an n x n grid over
     center + [-limit, limit]^2."""
-    offsets = torch.linspace(-limit, limit, n, dtype=torch.float64)
-    z1_axis, z2_axis = (center[0] + offsets).float(), (center[1] + offsets).float()
-    z2, z1 = torch.meshgrid(z2_axis, z1_axis, indexing="ij")  # row index = z2 increasing, for origin="lower"
-    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=-1)
+    z, log_w = quadrature_grid(2, n, limit, center=center, dtype=torch.float64)
+    # cartesian_prod runs z2 fastest: (z1, z2) -> rows z2 (bottom to top, for origin="lower"), columns z1
     device = next(model.parameters()).device
-    log_px_z = model.log_px_given_shared_z(x.float().to(device), z.to(device)).cpu()  # (N, G): one decoder pass
-    log_pz = standard_normal_log_prob(z)  # (G,)
-    log_joint = log_px_z + log_pz
-    log_norm = torch.logsumexp(log_joint, dim=-1, keepdim=True)
-    cell = 2 * math.log(2 * limit / (n - 1))
-    prior = torch.softmax(log_pz, 0)
+    log_px_z = model.log_px_given_shared_z(x.float().to(device), z.float().to(device)).cpu().double()  # (N, G)
+    log_joint = log_px_z + log_w
+    log_px = torch.logsumexp(log_joint, dim=-1, keepdim=True)
+
+    def image(values: torch.Tensor) -> np.ndarray:  # (..., G) -> (..., n rows of z2, n columns of z1)
+        return values.reshape(*values.shape[:-1], n, n).transpose(-1, -2).float().numpy()
+
     return GridPosterior(
-        z1=z1_axis.numpy(),
-        z2=z2_axis.numpy(),
-        log_prior=(log_pz - torch.logsumexp(log_pz, 0)).reshape(n, n).numpy(),
-        log_posterior=(log_joint - log_norm).reshape(len(x), n, n).numpy(),
-        log_px=(log_norm[:, 0] + cell).numpy(),
-        jensen=(log_px_z @ prior).numpy(),
+        z1=grid_axis(n, limit, center[0]).float().numpy(),
+        z2=grid_axis(n, limit, center[1]).float().numpy(),
+        log_prior=image(log_w - torch.logsumexp(log_w, 0)),
+        log_posterior=image(log_joint - log_px),
+        log_px=log_px[:, 0].float().numpy(),
+        jensen=(log_px_z @ log_w.exp()).float().numpy(),
     )
 
 

@@ -4,7 +4,7 @@ objectives a Gaussian encoder q(z|x).
 
     encode(x)                    mean and log-variance of q(z|x)
     reparameterize(mu, logvar)   z = mu + sigma * eps, differentiable in both
-    decode(z)                    E[x|z]: sigmoid(f(z)) for Bernoulli pixels, f(z) for Gaussian ones
+    decode(z)                    E[x|z], the likelihood's mean of the decoder's output
     log_px_given_z(x, z)         log p(x|z)
     sample(n), prior_sample(n)   x ~ p(x|z) with z ~ p(z), and z ~ p(z)
 """
@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vae_cli.maths.likelihoods import Bernoulli, Gaussian, build_likelihood
+from vae_cli.maths.likelihoods.kernels import build_likelihood
 from vae_cli.maths.linear_gaussian import LinearGaussian
 from vae_cli.maths.spec import ACTIVATIONS, N_PIXELS, ModelSpec
-
-PIXEL_MEAN_CLAMP = 1e-4  # keeps the logit of never-seen pixels finite
 
 
 def activation(name: str) -> nn.Module:
@@ -109,7 +107,7 @@ class LatentVariableModel(nn.Module):
     # --- p(x|z) ---
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x|z] (..., 784): the decoder's means (sigmoid of the logits for Bernoulli pixels)."""
+        """E[x|z] (..., 784): the likelihood's mean of the decoder's output (sigmoid of Bernoulli logits)."""
         return self.likelihood.mean(self.decoder(z))
 
     def log_px_given_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -126,7 +124,7 @@ class LatentVariableModel(nn.Module):
 
     def linear_gaussian(self) -> LinearGaussian | None:
         """The closed form of a linear decoder with a Gaussian likelihood (pPCA or factor analysis); else None."""
-        if not isinstance(self.decoder.net, nn.Linear) or not isinstance(self.likelihood, Gaussian):
+        if not isinstance(self.decoder.net, nn.Linear) or not getattr(self.likelihood, "closed_form", False):
             return None
         layer = self.decoder.net
         return LinearGaussian(layer.weight.detach(), layer.bias.detach(), self.likelihood.sigma().detach())
@@ -140,7 +138,7 @@ class LatentVariableModel(nn.Module):
         return self.likelihood.log_prob_formula(x, self.decoder(z))
 
     def use_fused_likelihood(self) -> None:
-        """The default: the Bernoulli likelihood's hand-written gradient, in cache-sized chunks."""
+        """The default: the likelihood's speed path (Bernoulli's hand-written gradient, in cache-sized chunks)."""
         self._log_px_given_z = self._fused
 
     def use_autograd_likelihood(self) -> None:
@@ -167,20 +165,13 @@ def build_model(
     likelihood = build_likelihood(spec.likelihood, N_PIXELS, pixel_sd)
     if pixel_means is not None:
         with torch.no_grad():
-            decoder.output_layer().bias.copy_(initial_output(likelihood, pixel_means))
+            decoder.output_layer().bias.copy_(likelihood.initial_output(pixel_means))
     encoder: nn.Module | None = None
     if spec.encoder == "linear":
         encoder = LinearEncoder(spec.K)
     elif spec.encoder == "mlp":
         encoder = Encoder(spec.K, spec.encoder_hidden, spec.encoder_depth, spec.activation)
     return LatentVariableModel(spec.K, decoder, likelihood, encoder)
-
-
-def initial_output(likelihood: nn.Module, pixel_means: torch.Tensor) -> torch.Tensor:
-    """The decoder output whose E[x|z] is the mean image: its logit for Bernoulli pixels, itself for Gaussian ones."""
-    if isinstance(likelihood, Bernoulli):
-        return torch.logit(pixel_means.clamp(PIXEL_MEAN_CLAMP, 1 - PIXEL_MEAN_CLAMP))
-    return pixel_means
 
 
 # The figures and TensorBoard's grids draw with their own generator: redrawing a run (or a

@@ -4,6 +4,7 @@ config checks names against these before torch is loaded)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 N_PIXELS = 28 * 28
 QUADRATURE_MAX_K = 2  # beyond 2 dimensions a grid that resolves the posterior is too large
@@ -23,16 +24,15 @@ ACTIVATIONS = {
 
 @dataclass(frozen=True)
 class LikelihoodSpec:
-    """p(x|z): `bernoulli` (logits f(z)) or `gaussian` (mean f(z), sigma fixed or learned)."""
+    """p(x|z) as its unit (vae_cli.maths.likelihoods) declares it: its name, its own options, and whether a
+    linear decoder with it has log p(x) in closed form. Build one with likelihoods.likelihood_spec."""
 
     name: str
-    sigma: float | None = None  # gaussian: a fixed sigma; None = learned
-    per_pixel: bool = False  # gaussian, learned: one sigma per pixel
-    sigma_min: float = 0.0  # gaussian, learned: the floor sigma never goes below
+    options: tuple[tuple[str, Any], ...] = ()  # the likelihood's keys and their values
+    closed_form: bool = False
 
-    @property
-    def gaussian(self) -> bool:
-        return self.name == "gaussian"
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
 
 
 @dataclass(frozen=True)
@@ -52,4 +52,4 @@ class ModelSpec:
     @property
     def closed_form(self) -> bool:
         """log p(x), p(z|x) and every gap are exact formulas: a linear decoder with a Gaussian likelihood."""
-        return self.decoder == "linear" and self.likelihood.gaussian
+        return self.decoder == "linear" and self.likelihood.closed_form

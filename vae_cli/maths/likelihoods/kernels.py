@@ -1,15 +1,14 @@
-"""p(x|z) given the decoder's output f(z): Bernoulli pixels on logits f(z), for binarized images,
-or N(x; f(z), sigma^2 I), for grey levels. Every density is computed in log space and in float32
-(float64 where a sum of squares would cancel), whatever dtype the decoder ran in.
+"""The torch side of the likelihoods (their units are vae_cli.maths.likelihoods): the implementations
+that need autograd's own kernels or learned parameters (Bernoulli's fused gradient, the Gaussian's
+sigma), the module that runs a unit's tensor-method formulas, and build_likelihood. Every density is
+computed in log space and in float32 (float64 where a sum of squares would cancel), whatever dtype
+the decoder ran in.
 
-Each likelihood is a small nn.Module (the Gaussian's sigma is a parameter or a buffer, so it lives
-in the model's state dict) with the same five methods:
+Each built likelihood is a small nn.Module (the Gaussian's sigma is a parameter or a buffer, so it
+lives in the model's state dict) with the methods of the units' docstring and two more:
 
-    log_prob(x, out)          log p(x_b | z_b...) for x (B, D) and out (B, ..., D) -> (B, ...)
-    log_prob_formula(x, out)  the same left to autograd (or torch.compile)
-    log_prob_shared(x, out)   log p(x_b | z_s) for out (S, D) shared by every image -> (B, S)
-    mean(out)                 E[x|z]
-    sample(out, generator)    x ~ p(x|z)
+    log_prob(x, out, overwrite)  the speed path: may overwrite out's memory in the backward
+    log_prob_formula(x, out)     the same left to autograd (or torch.compile)
 """
 
 from __future__ import annotations
@@ -17,17 +16,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vae_cli.maths.densities import LOG_2PI
+from vae_cli.maths.likelihoods import LIKELIHOODS
 from vae_cli.maths.spec import LikelihoodSpec
 
 # On the CPU the likelihood runs over images in chunks of about this many floats (512 KiB), which
 # stay in cache between the passes of softplus, the product with x and, backward, the gradient.
 CPU_LIKELIHOOD_CHUNK_ELEMENTS = 1 << 17
+PIXEL_MEAN_CLAMP = 1e-4  # keeps the logit of never-seen pixels finite
 
 
 class _BernoulliLogLikelihood(torch.autograd.Function):
@@ -109,6 +111,9 @@ def float32_likelihood(logits: torch.Tensor) -> Iterator[torch.Tensor]:
 class Bernoulli(nn.Module):
     """log p(x|z) = sum_d x_d l_d - softplus(l_d) for logits l = f(z): binary pixels."""
 
+    def __init__(self, spec: LikelihoodSpec | None = None, n_pixels: int = 0, pixel_sd: torch.Tensor | None = None):
+        super().__init__()
+
     def log_prob(self, x: torch.Tensor, logits: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         return bernoulli_log_likelihood(x, logits, overwrite)
 
@@ -124,6 +129,9 @@ class Bernoulli(nn.Module):
     def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.bernoulli(self.mean(logits), generator=generator)
 
+    def initial_output(self, means: torch.Tensor) -> torch.Tensor:
+        return torch.logit(means.clamp(PIXEL_MEAN_CLAMP, 1 - PIXEL_MEAN_CLAMP))
+
 
 class Gaussian(nn.Module):
     """log p(x|z) = log N(x; mu, sigma^2 I) for mu = f(z): grey levels.
@@ -132,22 +140,25 @@ class Gaussian(nn.Module):
     sigma_min + softplus(raw), so it never falls below sigma_min (a density of data with finitely
     many values grows without bound as sigma shrinks; dequantized 8-bit pixels have sd >= 1/(256 sqrt 12))."""
 
-    def __init__(self, spec: LikelihoodSpec, n_pixels: int, initial_sigma: torch.Tensor | None = None):
+    closed_form = True  # with a linear decoder: probabilistic PCA (vae_cli.maths.linear_gaussian)
+
+    def __init__(self, spec: LikelihoodSpec, n_pixels: int, pixel_sd: torch.Tensor | None = None):
         super().__init__()
-        self.sigma_min = spec.sigma_min
-        if spec.sigma is not None:
-            self.register_buffer("fixed_sigma", torch.tensor(float(spec.sigma)))
+        sigma, per_pixel = spec.option("sigma"), spec.option("per_pixel", False)
+        self.sigma_min = sigma_min = spec.option("sigma_min", 0.0)
+        if sigma is not None:
+            self.register_buffer("fixed_sigma", torch.tensor(float(sigma)))
             self.raw_sigma = None
             return
-        if initial_sigma is None:
-            start = torch.ones(n_pixels if spec.per_pixel else ())
-        elif spec.per_pixel:
-            start = initial_sigma.float().expand(n_pixels).clone()
+        if pixel_sd is None:
+            start = torch.ones(n_pixels if per_pixel else ())
+        elif per_pixel:
+            start = pixel_sd.float().expand(n_pixels).clone()
         else:  # one sigma for every pixel: their spread pooled, sqrt of the mean variance
-            start = initial_sigma.float().pow(2).mean().sqrt()
-        start = start.clamp_min(2 * spec.sigma_min)
-        # the inverse of softplus: the run starts at initial_sigma (the data's spread around its mean)
-        self.raw_sigma = nn.Parameter(torch.log(torch.expm1(start - spec.sigma_min)))
+            start = pixel_sd.float().pow(2).mean().sqrt()
+        start = start.clamp_min(2 * sigma_min)
+        # the inverse of softplus: the run starts at pixel_sd (the data's spread around its mean)
+        self.raw_sigma = nn.Parameter(torch.log(torch.expm1(start - sigma_min)))
         self.fixed_sigma = None
 
     def sigma(self) -> torch.Tensor:
@@ -189,6 +200,41 @@ class Gaussian(nn.Module):
         noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + self.sigma().to(mu.device) * noise
 
+    def initial_output(self, means: torch.Tensor) -> torch.Tensor:
+        return means
 
-def build_likelihood(spec: LikelihoodSpec, n_pixels: int, initial_sigma: torch.Tensor | None = None) -> nn.Module:
-    return Gaussian(spec, n_pixels, initial_sigma) if spec.gaussian else Bernoulli()
+
+class Formulas(nn.Module):
+    """A likelihood whose unit writes its formulas with tensor methods (no parameters, no kernel of its
+    own): they run in float32 with autocast off, and autograd differentiates them."""
+
+    def __init__(self, formulas: Any):
+        super().__init__()
+        self.formulas = formulas
+
+    def log_prob(self, x: torch.Tensor, out: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        return self.log_prob_formula(x, out)
+
+    def log_prob_formula(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        with float32_likelihood(out) as out:
+            return self.formulas.log_prob(x, out)
+
+    def log_prob_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        with float32_likelihood(out) as out:
+            return self.formulas.log_prob_shared(x, out)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return self.formulas.mean(out.float())
+
+    def sample(self, out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.formulas.sample(out.float(), generator)
+
+    def initial_output(self, means: torch.Tensor) -> torch.Tensor:
+        return self.formulas.initial_output(means)
+
+
+def build_likelihood(spec: LikelihoodSpec, n_pixels: int, pixel_sd: torch.Tensor | None = None) -> nn.Module:
+    """The likelihood of `spec`, from its unit's implementation; pixel_sd: the training pixels' spread
+    (where a learned sigma starts)."""
+    implementation = LIKELIHOODS[spec.name].load()(spec, n_pixels, pixel_sd)
+    return implementation if isinstance(implementation, nn.Module) else Formulas(implementation)
