@@ -64,7 +64,6 @@ from vae_cli.run.config import data_config, model_spec, objective_options, valid
 from vae_cli.run.data import Images, load_images
 from vae_cli.run.datafiles import SPLIT_SIZES
 from vae_cli.run.files import write_json
-from vae_cli.run.keys import schema_of
 from vae_cli.run.machine import describe_device, set_process_speed_settings
 from vae_cli.stages.evaluation import evaluate
 from vae_cli.stages.training import apply_speed_options, micro_batch_size, train_step
@@ -200,7 +199,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
     if device.type == "cuda":
         overrides.append(f"cuda.tf32={str(args.tf32).lower()}")
     cfg = compose_config(args, overrides)
-    uses_encoder = schema_of("objective", objective).uses_encoder
+    uses_encoder = OBJECTIVES[objective].uses_encoder
     torch.manual_seed(0)
     model = build_model(model_spec(cfg), pixel_means).to(device)
     B, S = cfg.batch_size, cfg.n_samples
@@ -249,7 +248,7 @@ def make_variant(kind: str, objective: str, args, device: torch.device, pixel_me
 
 def variant_kinds(objective: str, args) -> list[str]:
     kinds = ["reference", "vae-cli"]
-    if not schema_of("objective", objective).uses_encoder:
+    if not OBJECTIVES[objective].uses_encoder:
         kinds.append("vae-cli shared")
     if args.compile:
         kinds.append("vae-cli compiled")
@@ -488,7 +487,7 @@ def run_bench(args) -> dict[str, Any]:
     median = {(v.objective, v.name): statistics.median(v.wall) for v in variants}
     for v in variants:
         s = median[v.objective, v.name]
-        flops = step_flops(v.cfg, schema_of("objective", v.objective).uses_encoder, v.shared)
+        flops = step_flops(v.cfg, OBJECTIVES[v.objective].uses_encoder, v.shared)
         row = {
             "objective": v.objective,
             "variant": v.name,

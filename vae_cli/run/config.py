@@ -22,9 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 from vae_cli.errors import ConfigError, RunDirError
 from vae_cli.maths import likelihoods
 from vae_cli.maths.likelihoods import LIKELIHOODS
-from vae_cli.maths.spec import QUADRATURE_MAX_K, LikelihoodSpec, ModelSpec
+from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.maths.spec import LikelihoodSpec, ModelSpec
 from vae_cli.run import keys
-from vae_cli.run.keys import BINARIZATIONS, GREY_LEVELS, GROUPS, Config, FileDataConfig, default_text, schema_of
+from vae_cli.run.keys import BINARIZATIONS, GREY_LEVELS, GROUPS, Config, FileDataConfig, default_text
 
 _ABSENT = object()
 # What runs saved before these groups existed used: a run directory of an older vae-cli has no
@@ -94,32 +95,22 @@ def _check_choice(cfg: DictConfig, name: str, options: dict[str, tuple[type, str
 
 
 def _encoder_options_need_an_encoder(cfg: DictConfig) -> None:
-    if schema_of("objective", cfg.objective.name).uses_encoder:
+    if OBJECTIVES[cfg.objective.name].uses_encoder:
         return
     for option in ("encoder_hidden", "encoder_depth"):
         value = cfg.model.get(option)
         if value is not None:
-            encoders = ", ".join(name for name, (schema, _) in GROUPS["objective"].items() if schema.uses_encoder)
+            encoders = ", ".join(name for name, objective in OBJECTIVES.items() if objective.uses_encoder)
             raise ConfigError(
                 f"invalid option model.{option}={value!r}: objective={cfg.objective.name} has no encoder "
                 f"(encoder options apply to {encoders})"
             )
 
 
-def _exact_needs_a_small_k(cfg: DictConfig) -> None:
-    if cfg.objective.name == "exact" and cfg.K > QUADRATURE_MAX_K:
-        raise ConfigError(
-            f"invalid value K={cfg.K!r}: allowed K <= {QUADRATURE_MAX_K} with objective=exact (a grid over "
-            "the latent space: beyond 2 dimensions it cannot resolve the posterior)"
-        )
-
-
-def _shared_samples_take_the_whole_batch(cfg: DictConfig) -> None:
-    if cfg.objective.get("shared_samples", False) and 0 < cfg.micro_batch < cfg.batch_size:
-        raise ConfigError(
-            f"invalid value micro_batch={cfg.micro_batch!r} with objective.shared_samples=true: the shared samples "
-            f"are drawn once per step for the whole batch; allowed 0 (automatic) or >= batch_size={cfg.batch_size}"
-        )
+def _objective_rules(cfg: DictConfig) -> None:
+    for rule in OBJECTIVES[cfg.objective.name].rules:
+        if refusal := rule(cfg):
+            raise ConfigError(refusal)
 
 
 def _likelihood_fits_the_pixels(cfg: DictConfig) -> None:
@@ -149,8 +140,7 @@ def _logger_package_installed(cfg: DictConfig) -> None:
 
 RULES = (
     _encoder_options_need_an_encoder,
-    _exact_needs_a_small_k,
-    _shared_samples_take_the_whole_batch,
+    _objective_rules,
     _likelihood_fits_the_pixels,
     _logger_package_installed,
 )
@@ -177,7 +167,7 @@ def model_spec(cfg: DictConfig) -> ModelSpec:
     """The model's shape from cfg.K, cfg.model and cfg.likelihood; the MLP encoder (for objectives that
     have one) mirrors the decoder unless model.encoder_hidden / encoder_depth say otherwise."""
     m = cfg.model
-    uses_encoder = schema_of("objective", cfg.objective.name).uses_encoder
+    uses_encoder = OBJECTIVES[cfg.objective.name].uses_encoder
     likelihood = likelihood_spec(cfg)
     if m.name == "linear":
         return ModelSpec(cfg.K, "linear", likelihood, encoder="linear" if uses_encoder else None)
@@ -203,8 +193,8 @@ def objective_options(cfg: DictConfig) -> dict[str, Any]:
 
 
 def decodes_shared_latents(cfg: DictConfig) -> bool:
-    """The decoder runs once for the whole batch: shared prior samples, or exact's grid."""
-    return bool(cfg.objective.get("shared_samples", False)) or cfg.objective.name == "exact"
+    """The decoder runs once for the whole batch (shared prior samples, exact's grid), as the objective says."""
+    return OBJECTIVES[cfg.objective.name].decodes_shared(cfg.objective)
 
 
 def mutable_on_resume() -> list[str]:

@@ -16,11 +16,11 @@ import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from omegaconf import MISSING
 
-from vae_cli.maths import likelihoods
+from vae_cli.maths import likelihoods, objectives
 from vae_cli.maths.options import POSITIVE, Check, at_least, below, key, one_of
 from vae_cli.maths.spec import ACTIVATIONS
 
@@ -63,28 +63,14 @@ LOGGERS = ("csv", "tensorboard")
 # --- the config groups: one dataclass per kind of option ---------------------------------------------
 
 
+def option_schema(config: type, base: type) -> type:
+    """A method unit's keys as an option of its group: its config dataclass with the group's `name` first."""
+    return dataclasses.make_dataclass(config.__name__, [], bases=(config, base))
+
+
 @dataclass
 class ObjectiveConfig:
     name: str = MISSING
-    uses_encoder: ClassVar[bool] = False  # an encoder q(z|x) proposes z
-
-
-@dataclass
-class PriorObjectiveConfig(ObjectiveConfig):
-    shared_samples: bool = key(False, "one set of n_samples prior draws per step for the whole batch (README, Speed)")
-
-
-@dataclass
-class EncoderObjectiveConfig(ObjectiveConfig):
-    uses_encoder: ClassVar[bool] = True
-
-
-@dataclass
-class ExactObjectiveConfig(ObjectiveConfig):
-    grid_points: int = key(
-        96, "grid points per latent dimension", at_least(4, " (the halving check uses half as many)")
-    )
-    half_width: float = key(6.0, "the grid covers [-w, w]^K", POSITIVE)
 
 
 @dataclass
@@ -111,11 +97,6 @@ class LinearModelConfig(ModelConfig):
 @dataclass
 class LikelihoodConfig:
     name: str = MISSING
-
-
-def option_schema(config: type, base: type) -> type:
-    """A method unit's keys as an option of its group: its config dataclass with the group's `name` first."""
-    return dataclasses.make_dataclass(config.__name__, [], bases=(config, base))
 
 
 @dataclass
@@ -147,11 +128,7 @@ class SyntheticDataConfig(DataConfig):
 
 # The options of each group: name -> (schema, one line). conf/config.yaml says which one a run starts from.
 OBJECTIVES: dict[str, tuple[type, str]] = {
-    "jensen": (PriorObjectiveConfig, "E_p(z) log p(x|z) over prior samples: the decoder learns the mean digit"),
-    "prior_iwae": (PriorObjectiveConfig, "the log-mean-exp of p(x|z) over prior samples: digits appear"),
-    "elbo": (EncoderObjectiveConfig, "the ELBO with a Gaussian encoder q(z|x)"),
-    "iwae": (EncoderObjectiveConfig, "the importance-weighted bound with q(z|x) as proposal"),
-    "exact": (ExactObjectiveConfig, "log p(x) itself on a grid over z (K <= 2)"),
+    name: (option_schema(unit.config, ObjectiveConfig), unit.help) for name, unit in objectives.OBJECTIVES.items()
 }
 MODELS: dict[str, tuple[type, str]] = {
     "mlp": (MLPModelConfig, "decoder K -> hidden x depth -> 784 (and an encoder mirroring it)"),
