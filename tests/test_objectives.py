@@ -19,6 +19,7 @@ from vae_cli.maths.likelihoods.kernels import Bernoulli as BernoulliPixels
 from vae_cli.maths.likelihoods.kernels import bernoulli_log_likelihood
 from vae_cli.maths.models import Decoder, Encoder, LatentVariableModel
 from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.run.keys import schema_of
 
 
 @pytest.fixture(autouse=True)
