@@ -4,6 +4,7 @@ keys are made from the schema (vae_cli.run.keys.EvalConfig): the same names, typ
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         with user_errors("vae-eval"):
             for path in runs:
                 try:
-                    result = evaluate_run(path, args.device, overrides, args.data_root, args.recompute)
+                    said = functools.partial(print, f"vae-eval: {path}:", file=sys.stderr, flush=True)
+                    result = evaluate_run(path, args.device, overrides, args.data_root, args.recompute, said)
                 except UserError as exc:  # one line naming the run; the other runs are still evaluated
                     if full_traceback():
                         raise

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -266,8 +267,9 @@ def _anneal(
     noise: tuple[torch.Tensor, ...],
     settings: AISSettings,
     reverse: bool,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-weights (n, C) float64 along betas, and the accepts per chain."""
+    """Log-weights (n, C) float64 along betas, and the accepts per chain; on_step() after each transition."""
     _, momenta, uniforms = noise
     T = settings.steps
     log_w = torch.zeros(chains.z.shape[:2], dtype=torch.float64, device=chains.z.device)
@@ -281,16 +283,26 @@ def _anneal(
         )
         kernels.observe(j, step)
         accepted += step.accept
+        if on_step is not None:
+            on_step()
     return log_w, accepted
 
 
 def _pilot(
-    likelihood: _Likelihood, n: int, first: int, settings: AISSettings, K: int, device: torch.device, purpose: str
+    likelihood: _Likelihood,
+    n: int,
+    first: int,
+    settings: AISSettings,
+    K: int,
+    device: torch.device,
+    purpose: str,
+    on_step: Callable[[], None] | None = None,
 ) -> _Kernels:
     """The kernels of a batch of images, from a forward pilot pass with draws of its own stream."""
     noise = _noise(n, first, settings, K, device, PILOT_CHAINS, purpose + PILOT)
     pilot = _Pilot(n, K, settings, device)
-    _anneal(_Chains(likelihood, noise[0]), sigmoid_schedule(settings.steps).tolist(), pilot, noise, settings, False)
+    betas = sigmoid_schedule(settings.steps).tolist()
+    _anneal(_Chains(likelihood, noise[0]), betas, pilot, noise, settings, False, on_step)
     return pilot.record
 
 
@@ -302,6 +314,7 @@ def ais(
     start: torch.Tensor | None = None,
     first: int = 0,
     purpose: str = "ais",
+    progress: Callable[[float], None] | None = None,
 ) -> AISResult:
     """AIS log-weights of every image x (N, 784): forward from z_0 ~ p(z), or, given `start` (N, K),
     exact posterior samples, in reverse from beta = 1 to 0 with every chain starting there; both with
@@ -309,22 +322,37 @@ def ais(
 
     `first`: the index of x[0] in the data set, `purpose` the stream's name: with the image's index they
     key its draws (vae_cli.maths.streams): the pilot's under purpose + ".pilot", the reverse chains'
-    under purpose + ".reverse", so the forward and reverse passes share the pilot's kernels only."""
+    under purpose + ".reverse", so the forward and reverse passes share the pilot's kernels only.
+    `progress(fraction)` is told the share of the work done after every transition."""
     betas = sigmoid_schedule(settings.steps).tolist()
     if start is not None:
         betas = betas[::-1]
     parts: dict[str, list[torch.Tensor]] = {"log_w": [], "acceptance": [], "step_size": []}
     gradient_model = _in_dtype(model, settings.gradient_dtype)
+    total, done = max(1, len(x) * settings.steps * (PILOT_CHAINS + settings.chains)), 0
+
+    def tick(latents: int) -> Callable[[], None] | None:  # a transition moves `latents` chains
+        def step() -> None:
+            nonlocal done
+            done += latents
+            progress(done / total)
+
+        return step if progress is not None else None
+
     for offset in range(0, len(x), batch_size):
         xb = x[offset : offset + batch_size]
         likelihood = _Likelihood(model, gradient_model, xb)
-        kernels = _pilot(likelihood, len(xb), first + offset, settings, model.K, x.device, purpose)
+        kernels = _pilot(
+            likelihood, len(xb), first + offset, settings, model.K, x.device, purpose, tick(len(xb) * PILOT_CHAINS)
+        )
         chains_purpose = purpose + (REVERSE if start is not None else "")
         noise = _noise(len(xb), first + offset, settings, model.K, x.device, settings.chains, chains_purpose)
         z0 = noise[0]
         if start is not None:
             z0 = start[offset : offset + batch_size].unsqueeze(1).expand_as(z0).clone()
-        log_w, accepted = _anneal(_Chains(likelihood, z0), betas, kernels, noise, settings, start is not None)
+        chains = _Chains(likelihood, z0)
+        on_step = tick(len(xb) * settings.chains)
+        log_w, accepted = _anneal(chains, betas, kernels, noise, settings, start is not None, on_step)
         parts["log_w"].append(log_w)
         parts["acceptance"].append((accepted / settings.steps).mean(-1))
         parts["step_size"].append(kernels.step_size.mean(0))
@@ -350,10 +378,17 @@ class BDMCResult:
     reverse: AISResult
 
 
-def bdmc(model: LatentVariableModel, n: int, settings: AISSettings, batch_size: int) -> BDMCResult:
+def bdmc(
+    model: LatentVariableModel,
+    n: int,
+    settings: AISSettings,
+    batch_size: int,
+    progress: Callable[[float], None] | None = None,
+) -> BDMCResult:
     """Bidirectional Monte Carlo on n images simulated from the model: forward and reverse AIS
     with the same settings; their gap bounds the error of forward AIS on those images."""
     x, z = simulate(model, n, settings.seed)
-    forward = ais(model, x, settings, batch_size, purpose=BDMC)
-    reverse = ais(model, x, settings, batch_size, start=z, purpose=BDMC)
+    half = (lambda offset: lambda f: progress(offset + f / 2)) if progress is not None else (lambda offset: None)
+    forward = ais(model, x, settings, batch_size, purpose=BDMC, progress=half(0.0))
+    reverse = ais(model, x, settings, batch_size, start=z, purpose=BDMC, progress=half(0.5))
     return BDMCResult(forward.estimate(), reverse.estimate(reverse=True), forward, reverse)

@@ -18,6 +18,7 @@ image's, so no result depends on the batch size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,17 +59,19 @@ def weighted_sums(
     log_w: torch.Tensor,
     batch_size: int,
     chunk_elements: int | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> WeightedSums:
     """Per image, for points z (G, K) with normalized log-weights log_w (G,):
     log sum_g w_g p(x|z_g) and sum_g w_g log p(x|z_g).
 
     The decoder runs once per point; the sums run over chunks of points (a running logsumexp),
-    accumulated in float64."""
+    accumulated in float64. progress(fraction) after each chunk of points."""
     n = len(x)
     batch_size = min(batch_size, n)
     chunk = max(1, (chunk_elements or default_chunk_elements(x.device)) // max(batch_size, N_PIXELS))
     log_px = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
     jensen = torch.zeros(n, dtype=torch.float64, device=x.device)
+    done = 0
     for zc, log_wc in zip(z.split(chunk), log_w.split(chunk)):
         out = model.decoder(zc)
         wc = log_wc.exp()
@@ -81,6 +84,9 @@ def weighted_sums(
             top = log_joint.amax(-1)
             chunk_log_px = log_joint.sub_(top.unsqueeze(-1)).exp_().sum(-1).log_() + top
             log_px[rows] = torch.logaddexp(log_px[rows], chunk_log_px.double())
+        done += len(zc)
+        if progress is not None:
+            progress(done / len(z))
     return WeightedSums(log_px, jensen)
 
 
@@ -117,6 +123,7 @@ def importance_sums(
     seed: int,
     batch_size: int,
     chunk_elements: int | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> ImportanceSums:
     """Per image, from the same k draws z_s ~ q(z|x): the importance estimate of log p(x), the ELBO and IWAE-iwae_k.
 
@@ -140,6 +147,8 @@ def importance_sums(
         log_px_z = torch.empty(len(xb), k, device=x.device, dtype=mu.dtype)
         for first in range(0, k, chunk):
             log_px_z[:, first : first + chunk] = model.log_px_given_z(xb, z[:, first : first + chunk])
+            if progress is not None:
+                progress((start + len(xb) * min(k, first + chunk) / k) / n)
         log_w = log_px_z + standard_normal_log_prob(z) - diagonal_normal_log_prob(z, mu, logvar)
         out["log_px"].append(log_mean_exp(log_w))
         out["elbo"].append(log_px_z.mean(-1) - kl_to_standard_normal(mu, logvar).sum(-1))

@@ -68,12 +68,21 @@ def float32_matmuls():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-class Stopwatch:
-    """Seconds since the last call, the device synchronized so queued GPU work is counted."""
+ESTIMATE_AFTER_S = 5.0  # an estimator's estimate of its own time, once it has run this long
+PROGRESS_EVERY_S = 60.0  # then a line this often
+LONG_S = 120.0  # an estimate this long names the keys that shorten it
 
-    def __init__(self, device: torch.device):
+
+class Stopwatch:
+    """Seconds since the last call, the device synchronized so queued GPU work is counted; and each
+    estimator's progress: after its first ESTIMATE_AFTER_S, how long it will take in all (and the keys
+    that shorten it where that is long), then a line every PROGRESS_EVERY_S, through `report`."""
+
+    def __init__(self, device: torch.device, report: Callable[[str], None] | None = None):
         self.device = device
         self.last = time.perf_counter()
+        self.report = report or (lambda line: None)
+        self.begin("")
 
     def __call__(self) -> float:
         if self.device.type == "cuda":
@@ -81,6 +90,38 @@ class Stopwatch:
         now = time.perf_counter()
         seconds, self.last = now - self.last, now
         return seconds
+
+    def begin(self, what: str, shorten: tuple[str, ...] = ()) -> None:
+        """A new stretch of work: `what` it is, and the keys that make it shorter."""
+        self.what, self.shorten = what, shorten
+        self.started = self.reported = time.perf_counter()
+        self.estimated = False
+
+    def progress(self, fraction: float) -> None:
+        """The share of the current stretch that is done."""
+        now = time.perf_counter()
+        elapsed = now - self.started
+        if fraction <= 0 or fraction >= 1 or elapsed < ESTIMATE_AFTER_S:
+            return
+        if not self.estimated:
+            total = elapsed / fraction
+            hint = f"; shorter with smaller {', '.join(self.shorten)}" if total > LONG_S and self.shorten else ""
+            self.report(f"{self.what}: {fraction:.0%} done in {elapsed:.0f} s, about {_duration(total)} in all{hint}")
+            self.estimated, self.reported = True, now
+        elif now - self.reported >= PROGRESS_EVERY_S:
+            left = elapsed / fraction - elapsed
+            self.report(f"{self.what}: {fraction:.0%} done in {_duration(elapsed)}, about {_duration(left)} left")
+            self.reported = now
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.0f} min"
+        if seconds < 5400
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 # --- the sizes of each estimator ------------------------------------------------------------------
@@ -222,7 +263,9 @@ def run_quadrature(
     """log p(x) and the Jensen bound on the grid, and again at twice the spacing to show convergence."""
     s = planned.settings
     n, width = s["points_per_dim"], s["half_width"]
-    fine = weighted_sums(model, x, *quadrature_grid(model.K, n, width, x.device), cfg_eval.batch_size)
+    fine = weighted_sums(
+        model, x, *quadrature_grid(model.K, n, width, x.device), cfg_eval.batch_size, progress=lap.progress
+    )
     seconds = lap()
     coarse = weighted_sums(model, x, *quadrature_grid(model.K, n // 2, width, x.device), cfg_eval.batch_size).log_px
     entry = {**mean_stderr(fine.log_px), "seconds": seconds, "settings": s}
@@ -244,7 +287,7 @@ def run_importance(
     first eval.importance_n_images images (per-image draws cost k decoder passes an image)."""
     s = planned.settings
     k, iwae_k, n = s["k"], s["iwae_k"], planned.n_images
-    imp = importance_sums(model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size)
+    imp = importance_sums(model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size, progress=lap.progress)
     entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s}
     bounds = {
         "elbo": {**mean_stderr(imp.elbo), "n_images": n, "method": f"{k} draws from q(z|x), closed-form KL"},
@@ -263,7 +306,8 @@ def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned:
     """The log-mean-exp of p(x|z_s) over prior draws shared by every image, and the Jensen bound from them."""
     S = planned.settings["n_samples"]
     z = streams.normal(streams.stream(cfg_eval.seed, "prior_mc"), (S, model.K), x.device)
-    mc = weighted_sums(model, x, z, torch.full((S,), -math.log(S), device=x.device), cfg_eval.batch_size)
+    log_w = torch.full((S,), -math.log(S), device=x.device)
+    mc = weighted_sums(model, x, z, log_w, cfg_eval.batch_size, progress=lap.progress)
     entry = {**mean_stderr(mc.log_px), "seconds": lap(), "settings": planned.settings}
     jensen = {**mean_stderr(mc.jensen), "method": f"mean over {S} shared prior draws"}
     return entry, {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen}, {"jensen": jensen}
@@ -274,13 +318,14 @@ def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Plan
     from the model: forward and reverse AIS bracket their log p(x), the gap is AIS's precision."""
     settings = ais_settings(cfg_eval, x.device, is_linear(model))
     batch = ais_batch_images(cfg_eval)
-    forward = ais(model, x[: planned.n_images], settings, batch)
+    forward = ais(model, x[: planned.n_images], settings, batch, progress=lap.progress)
     estimate = forward.estimate()
     entry = {**mean_stderr(estimate), "seconds": lap(), "settings": planned.settings}
     entry.update(acceptance=float(forward.acceptance.mean()), step_size=float(forward.step_size.mean()))
     n_simulated = planned.settings["bdmc_n_images"]
     if n_simulated:
-        cert = bdmc(model, n_simulated, settings, batch)
+        lap.begin("BDMC", ("eval.bdmc_n_images", "eval.ais_steps"))
+        cert = bdmc(model, n_simulated, settings, batch, progress=lap.progress)
         entry["bdmc"] = {
             "n_images": n_simulated,
             "data": "simulated from the model: z ~ p(z), x ~ p(x|z)",
@@ -325,6 +370,7 @@ class Estimator:
     # whether it runs: (cfg_eval, an exact estimator applies, ais_everywhere) -> bool
     enabled: Callable[[Any, bool, bool], bool] = lambda cfg_eval, exact, everywhere: True
     after_exact: bool = False  # where an exact estimator applies it runs last, as a check of itself
+    shorten: tuple[str, ...] = ()  # the keys that make it quicker, named where it will take long
 
     def position(self, exact: bool) -> int:
         return self.rank + (len(ESTIMATORS) if exact and self.after_exact else 0)
@@ -334,42 +380,33 @@ def _ais_enabled(cfg_eval: Any, exact: bool, everywhere: bool) -> bool:
     return (everywhere or not exact) if cfg_eval.ais is None else cfg_eval.ais
 
 
-def _vs_log_px(entry: dict[str, Any]) -> str:
-    return f"; {entry['minus_log_px']['value']:+.3f} vs * on the same images" if "minus_log_px" in entry else ""
-
-
 def _describe_quadrature(entry: dict[str, Any], K: int) -> str:
     s = entry["settings"]
     return (
         f"{s['points_per_dim']}^{K} grid on [-{s['half_width']:g}, {s['half_width']:g}]^{K}; "
-        f"halving the spacing changes it by {entry['halving']['change']:+.4f}"
+        f"halving the spacing: {entry['halving']['change']:+.4f}"
     )
 
 
 def _describe_closed_form(entry: dict[str, Any], K: int) -> str:
-    return f"exact: log N(x; b, W W^T + Psi), {entry['settings'].get('model', 'linear-Gaussian')}" + _vs_log_px(entry)
+    return f"exact: {entry['settings'].get('model', 'linear-Gaussian')}"
 
 
 def _describe_importance(entry: dict[str, Any], K: int) -> str:
-    return f"k={entry['settings']['k']} draws from q(z|x)" + _vs_log_px(entry)
+    return f"k={entry['settings']['k']} draws from q(z|x)"
 
 
 def _describe_ais(entry: dict[str, Any], K: int) -> str:
     s = entry["settings"]
-    text = (
-        f"{s['steps']} steps (sigmoid), {s['chains']} chains, HMC {s['leapfrog']} leapfrog "
-        f"({s.get('gradients', 'float32')} gradients), acceptance {entry['acceptance']:.2f}"  # older eval.json: float32
-    )
-    if "pilot" in s:  # older eval.json: chains that adapted their own eps
-        text += f", its mass matrix and step size from a {s['pilot']['chains']}-chain pilot"
+    text = f"{s['steps']} steps, {s['chains']} chains, acceptance {entry['acceptance']:.2f}"
     if "bdmc" in entry:
         b = entry["bdmc"]
-        text += f"; BDMC gap {b['gap']['value']:.3f} +- {b['gap']['stderr']:.3f} on {b['n_images']} simulated images"
-    return text + _vs_log_px(entry)
+        text += f"; BDMC gap {b['gap']['value']:.3f} +- {b['gap']['stderr']:.3f} ({b['n_images']} simulated)"
+    return text
 
 
 def _describe_prior_mc(entry: dict[str, Any], K: int) -> str:
-    return f"S={entry['settings']['n_samples']} prior draws shared by all images" + _vs_log_px(entry)
+    return f"S={entry['settings']['n_samples']} shared prior draws"
 
 
 def _memory_quadrature(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
@@ -412,6 +449,7 @@ ESTIMATORS: dict[str, Estimator] = {
         rank=0,
         bounds=("jensen", "elbo"),
         exact=True,
+        shorten=("eval.n_images",),
     ),
     "quadrature": Estimator(
         lambda spec: spec.K <= QUADRATURE_MAX_K,
@@ -422,9 +460,18 @@ ESTIMATORS: dict[str, Estimator] = {
         rank=1,
         bounds=("jensen",),
         exact=True,
+        shorten=("eval.quadrature_points", "eval.n_images"),
     ),
     "ais": Estimator(
-        _always, _plan_ais, run_ais, _memory_ais, _describe_ais, rank=2, enabled=_ais_enabled, after_exact=True
+        _always,
+        _plan_ais,
+        run_ais,
+        _memory_ais,
+        _describe_ais,
+        rank=2,
+        enabled=_ais_enabled,
+        after_exact=True,
+        shorten=("eval.ais_n_images", "eval.ais_steps", "eval.ais_chains"),
     ),
     "importance": Estimator(
         lambda spec: spec.encoder is not None,
@@ -434,9 +481,17 @@ ESTIMATORS: dict[str, Estimator] = {
         _describe_importance,
         rank=3,
         bounds=("elbo", "iwae_k"),
+        shorten=("eval.importance_n_images", "eval.importance_k"),
     ),
     "prior_mc": Estimator(
-        _always, _plan_prior_mc, run_prior_mc, _memory_prior_mc, _describe_prior_mc, rank=4, bounds=("jensen",)
+        _always,
+        _plan_prior_mc,
+        run_prior_mc,
+        _memory_prior_mc,
+        _describe_prior_mc,
+        rank=4,
+        bounds=("jensen",),
+        shorten=("eval.prior_mc_samples", "eval.n_images"),
     ),
 }
 # Where each bound comes from, the most exact producer first.

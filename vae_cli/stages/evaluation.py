@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,13 +111,15 @@ def evaluate(
     cfg_eval: DictConfig | EvalConfig,
     previous: Previous | None = None,
     ais_everywhere: bool = False,
+    report: Callable[[str], None] = log.info,
 ) -> tuple[dict[str, Any], PerImage]:
     """eval.json's dict and the per-image values for `model` (of shape `spec`) on the test images of
-    `images`; see the module docstring. `previous`: estimates to reuse where their settings are the same."""
+    `images`; see the module docstring. `previous`: estimates to reuse where their settings are the same.
+    `report` is told what runs, and after its first seconds how long each estimator will take."""
     x = images.test[: cfg_eval.n_images].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    start, lap = time.perf_counter(), Stopwatch(x.device)
+    start, lap = time.perf_counter(), Stopwatch(x.device, report)
     estimates: dict[str, dict[str, Any]] = {}
     per_image: PerImage = {}
     produced: dict[str, dict[str, Bounds]] = {}
@@ -126,6 +129,9 @@ def evaluate(
         found = previous.reusable(planned) if previous is not None else None
         if found is not None:
             reused.append(planned.name)
+        else:
+            report(f"evaluating: {planned.name} on {planned.n_images} test images")
+            lap.begin(planned.name, ESTIMATORS[planned.name].shorten)
         entry, values, bounds = found or ESTIMATORS[planned.name].run(model, x, cfg_eval, planned, lap)
         estimates[planned.name] = {**entry, "n_images": len(values[planned.name]), "bounds": bounds}
         per_image.update(values)
@@ -228,15 +234,19 @@ def per_image_lists(per_image: PerImage) -> dict[str, list[float]]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """One screen: each estimator and bound with its value, stderr, images and seconds, then the gaps;
-    rows on fewer images than log_px in blocks of their own, which say which images they share."""
+    """One screen: each estimator and bound with its value, stderr, its paired distance to log_px (the
+    number to look at: how far below the best estimate it is), images and seconds, then the gaps; rows
+    on fewer images than log_px in blocks of their own, which say which images they share. The
+    settings cell is short: eval.json holds every setting."""
     n_all = result["n_images"]
     rows: list[tuple[int, str, str]] = []  # (images, name, the cells after it): names padded once all are known
 
-    def row(name: str, value: float, stderr: float, images: int | None, seconds: float | None, note: str) -> None:
+    def row(name: str, value: float, stderr: float, images: int | None, seconds: float | None, note: str,
+            vs: dict[str, Any] | None = None) -> None:  # fmt: skip
         images = images or n_all
-        cells = f"{value:11.3f}{stderr:9.4f}{images:>8}{'' if seconds is None else f'{seconds:.1f}':>9}  {note}"
-        rows.append((images, name, cells))
+        distance = f"{vs['value']:+9.3f}{vs['stderr']:8.3f}" if vs else f"{'':17}"
+        time = "" if seconds is None else f"{seconds:.1f}"
+        rows.append((images, name, f"{value:11.3f}{stderr:9.4f}{distance}{images:>8}{time:>9}  {note}"))
 
     for name, e in result["estimates"].items():
         label = (
@@ -244,7 +254,8 @@ def format_table(result: dict[str, Any]) -> str:
             + (" *" if name == result["estimator"] else "")
             + (" (reused)" if name in result.get("reused", []) else "")
         )
-        row(label, e["value"], e["stderr"], e.get("n_images"), e["seconds"], ESTIMATORS[name].describe(e, result["K"]))
+        note = ESTIMATORS[name].describe(e, result["K"]) if name in ESTIMATORS else ""
+        row(label, e["value"], e["stderr"], e.get("n_images"), e["seconds"], note, e.get("minus_log_px"))
     for name, b in result["bounds"].items():
         label = f"bound iwae_{b['k']}" if name == "iwae_k" else f"bound {name}"
         row(label, b["value"], b["stderr"], b.get("n_images"), None, b["method"])
@@ -260,9 +271,10 @@ def format_table(result: dict[str, Any]) -> str:
     ppca = result.get("reference", {}).get("ppca")
     if ppca:
         row("reference ppca", ppca["value"], ppca["stderr"], None, None,
-            f"ML pPCA at K={ppca['K']}, sigma {ppca['sigma']:.4f}; {ppca['minus_log_px']['value']:+.3f} vs *")  # fmt: skip
+            f"ML pPCA at K={ppca['K']}, sigma {ppca['sigma']:.4f}", ppca["minus_log_px"])  # fmt: skip
     width = max([16] + [len(name) + 1 for _, name, _ in rows])
-    lines = [f"{'':<{width}}{'log p(x)':>11}{'stderr':>9}{'images':>8}{'seconds':>9}  settings"]
+    header = f"{'log p(x)':>11}{'stderr':>9}{'vs *':>9}{'stderr':>8}{'images':>8}{'seconds':>9}  settings"
+    lines = [f"{'':<{width}}{header}"]
     lines += [f"{name:<{width}}{cells}" for images, name, cells in rows if images == n_all]
     for images in sorted({images for images, _, _ in rows if images != n_all}, reverse=True):
         lines.append(f"-- on the first {images} test images only (log_px's first {images} are the same images):")
@@ -270,8 +282,8 @@ def format_table(result: dict[str, Any]) -> str:
     units = f", active units {result['active_units']}/{result['K']}" if "active_units" in result else ""
     bits = f" ({result['bits_per_dim']:.3f} bits/dim)" if result.get("bits_per_dim") is not None else ""
     lines.append(
-        f"* log_px ({result['estimator']}){bits} over {n_all} test images, nats; "
-        f"{result['seconds']:.1f} s on {result['device']}{units}"
+        f"* log_px ({result['estimator']}){bits} over {n_all} test images, nats; vs *: the paired mean difference "
+        f"from it on the same images; {result['seconds']:.1f} s on {result['device']}{units}; every setting in {EVAL}"
     )
     if result.get("reused"):
         lines.append(
@@ -310,6 +322,7 @@ def evaluate_run(
     overrides: dict[str, Any] | None = None,
     data_root: str | None = None,
     recompute: bool = False,
+    report: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Evaluate a vae-train run from its own files (vae-eval): eval.json, eval_images.csv and summary.json's
     headline numbers. Everything is read and checked (memory included) and the run's lock taken before
@@ -344,7 +357,8 @@ def evaluate_run(
             previous = Previous(files.evaluation, files.per_image or {})
         load = load_images if data_root is not None else load_images_here  # a root the user names is not second-guessed
         images = load(data_config(cfg, data_root), cfg.seed, torch_device)
-        result, per_image = evaluate(model.to(torch_device), spec, images, cfg.eval, previous, ais_everywhere=True)
+        model = model.to(torch_device)
+        result, per_image = evaluate(model, spec, images, cfg.eval, previous, ais_everywhere=True, report=report)
         result = {**of_run(result, run_dir, cfg, images, step, digest), "process_settings": settings}
         if not lock.held:
             result["lock"] = f"none ({lock.reason})"
