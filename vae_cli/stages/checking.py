@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 import vae_cli
+from vae_cli.errors import UserError
 from vae_cli.maths.ais import AISSettings, ais, bdmc, simulate
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import importance_sums, weighted_sums
@@ -101,6 +103,19 @@ def skipped(name: str, why: str, kind: str = "") -> Line:
     return Line(name, "-", "", None, f"skipped: {why}", kind)
 
 
+def guarded(name: str, kind: str, check: Callable[[], list[Line]]) -> list[Line]:
+    """The check's lines, or, where it raises (compile=true without a C++ compiler, a CUDA kernel that
+    fails), one failed line naming the error: what this device cannot run is a finding, not a crash.
+    Bad input (a UserError) is not caught: the command answers it with exit code 2."""
+    try:
+        return check()
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return [Line(name, "-", "runs", False, f"raised {type(exc).__name__}: {first}", kind)]
+
+
 # --- how much each run of vae-check does ----------------------------------------------------------------
 
 
@@ -130,7 +145,7 @@ QUICK = Sizes(
     compile_cpu_objectives=(),
     truth_images=64,
     importance_k=500,
-    prior_samples=5000,
+    prior_samples=20000,
     ais_images=16,
     ais_steps=50,
     ais_chains=32,
@@ -147,7 +162,7 @@ FULL = Sizes(
     compile_cpu_objectives=("jensen",),
     truth_images=256,
     importance_k=1000,
-    prior_samples=10000,
+    prior_samples=50000,
     ais_images=16,
     ais_steps=100,
     ais_chains=64,
@@ -340,12 +355,16 @@ def loss_and_gradient(
     return out.loss.item(), gradient.cpu()
 
 
-def objective_lines(device: torch.device, precision: Precision, sizes: Sizes) -> list[Line]:
-    """Two lines per objective (and per prior objective with shared samples): the loss's deviation
-    from the float64 copy's in nats, and the gradient's relative deviation."""
+def objective_lines(
+    device: torch.device, precision: Precision, sizes: Sizes, only: tuple[str, ...] | None = None
+) -> list[Line]:
+    """Two lines per objective (`only` these, where given; the prior ones also with shared samples):
+    the loss's deviation from the float64 copy's in nats, and the gradient's relative deviation."""
     spec, x = objective_model(sizes)
     lines = []
     for label, objective, options in objective_variants():
+        if only is not None and objective not in only:
+            continue
         name = f"objective {label} {precision.name}"
         if precision.compile and (objective not in COMPILED_OBJECTIVES or options.get("shared_samples")):
             continue  # shared samples and the grid decode once per batch, outside the compiled function
@@ -379,7 +398,9 @@ def precision_lines(device: torch.device, sizes: Sizes) -> list[Line]:
         if why is not None:
             lines.append(skipped(f"objective * {precision.name}", why, "objective"))
             continue
-        lines += objective_lines(device, precision, sizes)
+        lines += guarded(
+            f"objective * {precision.name}", "objective", partial(objective_lines, device, precision, sizes)
+        )
     return lines
 
 
@@ -395,10 +416,14 @@ IS_VARIANCE_INFLATION = 1.5  # q's variances: the exact posterior's diagonal, 1.
 QUADRATURE_NATS = 1e-3  # the midpoint rule is exact here up to float32 rounding of log p(x|z)
 JENSEN_GRID_NATS = 1e-2  # E_p(z) log p(x|z) on the grid: float32 sums of 16384 terms near -700
 MC_BELOW_NATS = 0.05  # prior MC and importance sampling: at most this far below on average ...
-MC_STDERRS = 3.0  # ... and no more than this many standard errors above (lower bounds in expectation)
+# ... and at most this far above: lower bounds in expectation, but the prior draws are shared by every
+# image, so their errors are correlated and the mean can sit a few of its stderr above the truth
+MC_ABOVE_NATS = 0.03
 ELBO_STDERRS = 4.0  # the sampled ELBO against its closed form: noise alone
+ROUNDING_NATS = 1e-3  # added to the sampled estimates' limits: float32 log-weights near 700 nats
 AIS_NATS = 0.1  # |mean(AIS - log p(x))|
-BDMC_GAP_NATS = 0.2  # mean(upper - lower) on simulated images, with the truth between them
+BDMC_GAP_NATS = 0.2  # mean(upper - lower) on simulated images, with the truth between them ...
+BDMC_STDERRS = 3.0  # ... each bound on its side of it, within this many standard errors
 
 
 @dataclass
@@ -466,11 +491,11 @@ def quadrature_lines(case: KnownTruth) -> list[Line]:
 
 
 def lower_bound_line(name: str, estimate: torch.Tensor, truth: torch.Tensor, what: str) -> Line:
-    """A stochastic lower bound of log p(x): its mean error over the images at most MC_BELOW_NATS below
-    the truth and at most MC_STDERRS standard errors above it."""
+    """A stochastic lower bound of log p(x) (E[estimate] <= log p(x), Jensen): its mean error over the
+    images at most MC_BELOW_NATS below the truth, and above it by no more than sampling noise."""
     mean, stderr = _mean_and_stderr(estimate - truth)
     note = f"mean(estimate - truth) over {len(truth)} images, stderr {stderr:.2g}; {what}"
-    return between(name, mean, -MC_BELOW_NATS, MC_STDERRS * stderr, "nats", note, "truth")
+    return between(name, mean, -MC_BELOW_NATS, MC_ABOVE_NATS, "nats", note, "truth")
 
 
 def sampling_lines(case: KnownTruth, sizes: Sizes) -> list[Line]:
@@ -479,7 +504,8 @@ def sampling_lines(case: KnownTruth, sizes: Sizes) -> list[Line]:
     log_w = torch.full((sizes.prior_samples,), -math.log(sizes.prior_samples), device=z.device)
     prior = weighted_sums(case.model, case.x, z, log_w, len(case.x)).log_px
     sums = importance_sums(case.model, case.x, sizes.importance_k, sizes.importance_k, 2, len(case.x))
-    mu, logvar = case.model.encode(case.x)
+    with torch.no_grad():
+        mu, logvar = case.model.encode(case.x)
     elbo_mean, elbo_stderr = _mean_and_stderr(sums.elbo - case.closed_form.elbo(case.x, mu, logvar))
     return [
         lower_bound_line("truth prior MC: log p(x)", prior, case.log_px, f"S={sizes.prior_samples} shared prior draws"),
@@ -492,8 +518,8 @@ def sampling_lines(case: KnownTruth, sizes: Sizes) -> list[Line]:
         between(
             "truth importance: ELBO",
             elbo_mean,
-            -ELBO_STDERRS * elbo_stderr,
-            ELBO_STDERRS * elbo_stderr,
+            -ELBO_STDERRS * elbo_stderr - ROUNDING_NATS,
+            ELBO_STDERRS * elbo_stderr + ROUNDING_NATS,
             "nats",
             f"mean(sampled ELBO - closed form), stderr {elbo_stderr:.2g}: {ELBO_STDERRS:g} stderr either side",
             "truth",
@@ -536,7 +562,7 @@ def ais_lines(case: KnownTruth, sizes: Sizes) -> list[Line]:
 
 def bdmc_lines(case: KnownTruth, sizes: Sizes) -> list[Line]:
     """BDMC on images simulated from the model: the gap between reverse and forward AIS at most
-    BDMC_GAP_NATS on average, and the closed form between them (each side within MC_STDERRS stderr)."""
+    BDMC_GAP_NATS on average, and the closed form between them (each side within BDMC_STDERRS stderr)."""
     settings = ais_settings(sizes)
     result = bdmc(case.model, sizes.bdmc_images, settings, sizes.bdmc_images)
     truth = case.closed_form.log_px(simulate(case.model, sizes.bdmc_images, settings.seed)[0])
@@ -546,7 +572,7 @@ def bdmc_lines(case: KnownTruth, sizes: Sizes) -> list[Line]:
         f"{sizes.bdmc_images} simulated images"
     )
     line = at_most("truth BDMC: upper - lower", upper - lower, BDMC_GAP_NATS, "nats", note, "truth")
-    if lower > MC_STDERRS * lower_se or upper < -MC_STDERRS * upper_se:
+    if lower > BDMC_STDERRS * lower_se or upper < -BDMC_STDERRS * upper_se:
         return [Line(line.name, line.measured, line.tolerance, False, f"{note}: the truth is outside", "truth")]
     return [line]
 
@@ -751,7 +777,7 @@ def run_checks(
 
     def add(section: str, check: Callable[[], list[Line]]) -> None:
         begin = time.perf_counter()
-        for line in check():
+        for line in guarded(section, section, check):
             report.lines.append(line)
             if on_line is not None:
                 on_line(line)
