@@ -151,7 +151,7 @@ QUICK = Sizes(
     ais_chains=32,
     bdmc_images=8,
     resume_steps=6,
-    floor_steps=2,
+    floor_steps=1,
     floor_batch=32,
     matmul_probes=2,
 )
@@ -692,7 +692,7 @@ def floor_lines(cfg: DictConfig, device: torch.device, sizes: Sizes) -> list[Lin
         info(
             "floor: default step, s",
             step,
-            f"{what}: median of {sizes.floor_steps} steps; floor {flops / rate:.3g} s ({flops / 1e9:.0f} GFLOP)",
+            f"{what}: median of {sizes.floor_steps} timed after 1 untimed; floor {flops / rate:.3g} s ({flops / 1e9:.0f} GFLOP)",
             "floor",
         ),
         info(
