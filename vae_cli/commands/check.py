@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         check_creatable(args.out, "output directory")
         default_cfg, resume_cfg = compose_config([]), compose_config(RESUME_RUN)
         # The checks and torch, only now that the command line has been checked.
+        from vae_cli.run.machine import resolve_device
         from vae_cli.stages.checking import CHECK_JSON, format_line, header, run_checks
 
+        device = resolve_device(args.device, quiet=True)
         print(header(), flush=True)
         report = run_checks(
-            args.device, args.quick, default_cfg, resume_cfg, lambda line: print(format_line(line), flush=True)
+            device, args.quick, default_cfg, resume_cfg, lambda line: print(format_line(line), flush=True)
         )
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / CHECK_JSON, report.as_json())

@@ -54,7 +54,6 @@ from vae_cli.run.machine import (
     describe_device,
     has_native_bf16,
     machine_facts,
-    resolve_device,
     set_process_speed_settings,
     synchronize,
     time_matmul,
@@ -75,11 +74,12 @@ class Line:
     ok: bool | None
     note: str = ""
     kind: str = ""
+    skipped: bool = False  # a check this device does not allow (or --quick leaves out): the note says why
 
     @property
     def status(self) -> str:
         if self.ok is None:
-            return "skip" if self.note.startswith("skipped") else "info"
+            return "skip" if self.skipped else "info"
         return "ok" if self.ok else "FAIL"
 
 
@@ -100,7 +100,7 @@ def info(name: str, value: Any, note: str = "", kind: str = "") -> Line:
 
 
 def skipped(name: str, why: str, kind: str = "") -> Line:
-    return Line(name, "-", "", None, f"skipped: {why}", kind)
+    return Line(name, "-", "", None, f"skipped: {why}", kind, skipped=True)
 
 
 def guarded(name: str, kind: str, check: Callable[[], list[Line]]) -> list[Line]:
@@ -311,10 +311,10 @@ def same_draws(model: LatentVariableModel, seed: int) -> None:
     float64 generator on the CPU, cast to the model's dtype and device: the model and its float64 copy
     see the same z, so their losses differ by rounding alone. (It replaces the two methods on this
     instance only.)"""
-    generator = torch.Generator().manual_seed(seed)
+    stream = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(like.device, like.dtype)
+        return torch.randn(*shape, generator=stream, dtype=torch.float64).to(like.device, like.dtype)
 
     def prior_sample(*shape: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         return draw(*shape, model.K, like=next(model.decoder.parameters()))
@@ -762,15 +762,14 @@ def one_thread_on_the_cpu(device: torch.device) -> Iterator[None]:
 
 
 def run_checks(
-    device_name: str,
+    device: torch.device,
     quick: bool,
     default_cfg: DictConfig,
     resume_cfg: DictConfig,
     on_line: Callable[[Line], None] | None = None,
 ) -> Report:
-    """Every check on `device_name` (auto, cpu, cuda), each line handed to on_line as it is made."""
+    """Every check on `device`, each line handed to on_line as it is made."""
     start = time.perf_counter()
-    device = resolve_device(device_name, quiet=True)
     set_process_speed_settings(device)  # as vae-train makes them, before torch starts its threads
     sizes = QUICK if quick else FULL
     report = Report(describe_device(device), quick)
