@@ -12,6 +12,7 @@ from pathlib import Path
 import vae_cli
 from vae_cli.commands.app import compose_config
 from vae_cli.commands.boundary import COMMANDS, OneLineParser, exit_with, user_errors
+from vae_cli.run import keys
 from vae_cli.run.files import check_creatable, write_json
 from vae_cli.run.keys import DEVICES
 
@@ -45,9 +46,14 @@ def parser() -> OneLineParser:
         "2 for bad input. About 2 minutes on a 2-core CPU (--quick: 30 s), seconds on a GPU.",
     )
     p.add_argument("--version", action="version", version=f"vae-check (vae-cli) {vae_cli.__version__}")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA when present), cpu, cuda")
+    device = next(k for k in keys.keys() if k.path == "device")
+    p.add_argument(
+        "--device", choices=DEVICES, default=device.default, help=f"{device.help} (default {device.default})"
+    )
     p.add_argument("--quick", action="store_true", help="fewer draws and images, no torch.compile lines (what CI runs)")
-    p.add_argument("--out", type=Path, default=Path("."), help="the directory check.json is written to (default .)")
+    p.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="the directory check.json is written to (default .)"
+    )
     return p
 
 
