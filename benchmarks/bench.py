@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -64,13 +63,19 @@ from vae_cli.run.config import data_config, model_spec, objective_options, valid
 from vae_cli.run.data import Images, load_images
 from vae_cli.run.datafiles import SPLIT_SIZES
 from vae_cli.run.files import write_json
-from vae_cli.run.machine import describe_device, set_process_speed_settings
+from vae_cli.run.machine import (
+    MATMUL_SIZE,
+    describe_device,
+    machine_facts,
+    set_process_speed_settings,
+    synchronize,
+    time_matmul,
+)
 from vae_cli.stages.evaluation import evaluate
-from vae_cli.stages.training import apply_speed_options, micro_batch_size, train_step
+from vae_cli.stages.training import apply_speed_options, micro_batch_size, step_flops, train_step
 
 OBJECTIVE_NAMES = ("jensen", "prior_iwae", "elbo", "iwae")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_mkl_linear"}
-MATMUL_SIZE = 2048  # the rate probe: (2048, 2048) @ (2048, 2048) in float32
 PROFILED_STEPS = 3
 # vae-cli with one of its changes taken back, to show what each bought
 ABLATIONS = {
@@ -262,40 +267,11 @@ def variant_kinds(objective: str, args) -> list[str]:
 # --- FLOPs, the matmul rate, memory ----------------------------------------------------------------
 
 
-def mlp_flops(rows: int, sizes: list[int]) -> int:
-    return 2 * rows * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
-
-
-def step_flops(cfg, uses_encoder: bool, shared: bool) -> int:
-    """Matmul FLOPs of one step: forward 2mnk per product, backward twice the forward."""
-    m, B, S = cfg.model, cfg.batch_size, cfg.n_samples
-    forward = mlp_flops(S if shared else B * S, [cfg.K] + [m.hidden] * m.depth + [N_PIXELS])
-    if shared:
-        forward += 2 * B * S * N_PIXELS  # x @ logits.T
-    if uses_encoder:
-        hidden = m.encoder_hidden or m.hidden
-        forward += mlp_flops(B, [N_PIXELS] + [hidden] * (m.encoder_depth or m.depth) + [2 * cfg.K])
-    return 3 * forward
-
-
 def memory_needed(cfg, pass_rows: int) -> int:
     """Bytes of the logits of one forward pass plus the activations its backward needs (every
     decoder Linear's input: z and each hidden layer's output, which in-place ELU shares)."""
     m = cfg.model
     return pass_rows * (N_PIXELS + cfg.K + m.hidden * m.depth) * 4
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_matmul(device: torch.device, a: torch.Tensor, b: torch.Tensor) -> float:
-    sync(device)
-    start = time.perf_counter()
-    a @ b
-    sync(device)
-    return time.perf_counter() - start
 
 
 def rss_bytes(key: str) -> int:
@@ -421,27 +397,6 @@ def eval_seconds(images: Images, device: torch.device, args) -> dict[str, Any]:
 # --- the benchmark -----------------------------------------------------------------------------------
 
 
-def machine_facts() -> dict[str, Any]:
-    """What the speed depends on besides the code: torch's BLAS, the CPU's vector instructions, threads."""
-    config = torch.__config__.show()
-    found = re.search(r"BLAS_INFO=([^,\s]+)", config)  # inside one long line of build settings
-    blas = found.group(1) if found else "unknown"
-    flags: list[str] = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
-        flags = sorted(w for w in line.split(":", 1)[-1].split() if w.startswith(("avx", "amx", "fma", "f16c")))
-    except OSError:
-        pass
-    return {
-        "blas": blas,
-        "cpu_flags": flags,
-        "threads": torch.get_num_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "processor": platform.processor() or platform.machine(),
-    }
-
-
 def run_bench(args) -> dict[str, Any]:
     device = torch.device(args.device)
     settings = set_process_speed_settings(
@@ -463,17 +418,17 @@ def run_bench(args) -> dict[str, Any]:
         for v in variants:
             start = time.perf_counter()
             v.step(batches[i])
-            sync(device)
+            synchronize(device)
             if i == 0:
                 v.first_step_s = time.perf_counter() - start
     for r in range(args.rounds):
         matmul_s.append(time_matmul(device, a, b))
         for v in variants:
             x = batches[args.warmup + r]
-            sync(device)
+            synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
             v.step(x)
-            sync(device)
+            synchronize(device)
             v.wall.append(time.perf_counter() - wall)
             v.cpu.append(time.process_time() - cpu)
         print(

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ beside vae_cli
 
-from benchmarks.bench import compose_config, load_batches, make_variant, sync  # noqa: E402
+from benchmarks.bench import compose_config, load_batches, make_variant  # noqa: E402
 from vae_cli.run.files import read_json, write_json  # noqa: E402
-from vae_cli.run.machine import describe_device, set_process_speed_settings  # noqa: E402
+from vae_cli.run.machine import describe_device, set_process_speed_settings, synchronize  # noqa: E402
 from vae_cli.run.rundir import EVAL  # noqa: E402
 from vae_cli.stages import pipeline  # noqa: E402
 
@@ -46,7 +46,7 @@ def compare_shared(args) -> dict[str, Any]:
                 start = time.perf_counter()
                 for x in batches[1:]:
                     v.step(x)
-                sync(device)
+                synchronize(device)
                 steps = max(1, int(args.seconds / ((time.perf_counter() - start) / 3)))
                 overrides = [
                     f"objective={objective}",

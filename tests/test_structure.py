@@ -114,6 +114,8 @@ def _exits(call: str) -> str:
         ("vae-eval /nonexistent", "from vae_cli.commands.evaluate import main\n" + _exits("main(['/nonexistent'])")),
         ("vae-plot --help", "from vae_cli.commands.plot import main\n" + _exits("main(['--help'])")),
         ("vae-plot /nonexistent", "from vae_cli.commands.plot import main\n" + _exits("main(['/nonexistent'])")),
+        ("vae-check --help", "from vae_cli.commands.check import main\n" + _exits("main(['--help'])")),
+        ("vae-check --device tpu", "from vae_cli.commands.check import main\n" + _exits("main(['--device', 'tpu'])")),
     ],
 )  # fmt: skip
 def test_help_and_refusals_import_no_torch(what, code):

@@ -126,6 +126,7 @@ COMMANDS = """the commands:
   vae-train -m objective=jensen,prior_iwae,elbo n_samples=1,8,128   a sweep
   vae-eval RUN_DIR|MULTIRUN_DIR [--full]  test-set log p(x) by every estimator, the bounds and their gaps
   vae-plot RUN_DIR|MULTIRUN_DIR ...     the figures, comparison.csv/.md and report.md
+  vae-check [--quick] [--device cuda]   certify this installation on its device (check.json)
 
 Bad input gets one line and exit code 2; HYDRA_FULL_ERROR=1 shows the traceback."""
 

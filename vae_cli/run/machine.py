@@ -6,6 +6,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
+import re
+import time
 
 import torch
 from omegaconf import DictConfig
@@ -126,3 +129,44 @@ def set_process_speed_settings(device: torch.device, heap: bool = True) -> dict[
         "flush_denormal": flush_denormals(),
         "heap_kept": heap and device.type == "cpu" and keep_freed_heap_memory(),
     }
+
+
+# --- what the speed depends on, and the matmul rate (make bench, vae-check) -----------------------------
+
+MATMUL_SIZE = 2048  # the rate probe: (2048, 2048) @ (2048, 2048) in float32
+
+
+def machine_facts() -> dict[str, object]:
+    """What the speed depends on besides the code: torch's BLAS, the CPU's vector instructions, threads."""
+    config = torch.__config__.show()
+    found = re.search(r"BLAS_INFO=([^,\s]+)", config)  # inside one long line of build settings
+    blas = found.group(1) if found else "unknown"
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+        flags = sorted(w for w in line.split(":", 1)[-1].split() if w.startswith(("avx", "amx", "fma", "f16c")))
+    except OSError:
+        pass
+    return {
+        "blas": blas,
+        "cpu_flags": flags,
+        "threads": torch.get_num_threads(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock around it times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_matmul(device: torch.device, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Seconds of one a @ b on `device`."""
+    synchronize(device)
+    start = time.perf_counter()
+    a @ b
+    synchronize(device)
+    return time.perf_counter() - start

@@ -321,6 +321,24 @@ def memory_parts(cfg: DictConfig, spec: ModelSpec, device: torch.device) -> list
     ]
 
 
+def mlp_flops(rows: int, sizes: list[int]) -> int:
+    """Matmul FLOPs of an MLP's forward pass over `rows` inputs: 2mnk per product."""
+    return 2 * rows * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def step_flops(cfg: DictConfig, uses_encoder: bool, shared: bool) -> int:
+    """Matmul FLOPs of one training step: forward 2mnk per product, backward twice the forward
+    (make bench and vae-check divide it by the measured matmul rate: the step's floor)."""
+    m, B, S = cfg.model, cfg.batch_size, cfg.n_samples
+    forward = mlp_flops(S if shared else B * S, [cfg.K] + [m.hidden] * m.depth + [N_PIXELS])
+    if shared:
+        forward += 2 * B * S * N_PIXELS  # x @ logits.T
+    if uses_encoder:
+        hidden = m.encoder_hidden or m.hidden
+        forward += mlp_flops(B, [N_PIXELS] + [hidden] * (m.encoder_depth or m.depth) + [2 * cfg.K])
+    return 3 * forward
+
+
 # --- stopping between steps ------------------------------------------------------------------------
 
 
