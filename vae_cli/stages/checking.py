@@ -43,7 +43,8 @@ from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import importance_sums, weighted_sums
 from vae_cli.maths.models import LatentVariableModel, build_model
 from vae_cli.maths.objectives import OBJECTIVES
-from vae_cli.maths.spec import N_PIXELS, LikelihoodSpec, ModelSpec
+from vae_cli.maths.likelihoods import likelihood_spec
+from vae_cli.maths.spec import N_PIXELS, ModelSpec
 from vae_cli.run.checkpoint import load_checkpoint
 from vae_cli.run.config import data_config, model_spec, objective_options
 from vae_cli.run.data import load_images
@@ -283,7 +284,7 @@ def objective_model(sizes: Sizes) -> tuple[ModelSpec, torch.Tensor]:
     spec = ModelSpec(
         2,
         "mlp",
-        LikelihoodSpec("bernoulli"),
+        likelihood_spec("bernoulli"),
         hidden=64,
         depth=2,
         activation="elu",
@@ -441,7 +442,7 @@ class KnownTruth:
 
 
 def known_truth(device: torch.device, n_images: int, seed: int = 0) -> KnownTruth:
-    spec = ModelSpec(TRUTH_K, "linear", LikelihoodSpec("gaussian", sigma=TRUTH_SIGMA), encoder="linear")
+    spec = ModelSpec(TRUTH_K, "linear", likelihood_spec("gaussian", sigma=TRUTH_SIGMA), encoder="linear")
     torch.manual_seed(seed)
     model = build_model(spec).to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -677,7 +678,7 @@ def floor_lines(cfg: DictConfig, device: torch.device, sizes: Sizes) -> list[Lin
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     step = statistics.median(seconds[1:])  # the first step warms up
-    uses_encoder = schema_of("objective", cfg.objective.name).uses_encoder
+    uses_encoder = OBJECTIVES[cfg.objective.name].uses_encoder
     flops = step_flops(cfg, uses_encoder, speed["shared_samples"])
     what = (
         f"{cfg.objective.name}, batch {cfg.batch_size}, {cfg.n_samples} samples, {cfg.model.depth}x{cfg.model.hidden}"
