@@ -41,9 +41,9 @@ from vae_cli.errors import UserError
 from vae_cli.maths.ais import AISSettings, ais, bdmc, simulate
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import importance_sums, weighted_sums
+from vae_cli.maths.likelihoods import likelihood_spec
 from vae_cli.maths.models import LatentVariableModel, build_model
 from vae_cli.maths.objectives import OBJECTIVES
-from vae_cli.maths.likelihoods import likelihood_spec
 from vae_cli.maths.spec import N_PIXELS, ModelSpec
 from vae_cli.run.checkpoint import load_checkpoint
 from vae_cli.run.config import data_config, model_spec, objective_options
