@@ -50,6 +50,7 @@ from vae_cli.run.rundir import (
     RunLock,
     is_run_dir,
     losses_up_to,
+    nearby_runs,
     read_json,
     read_losses,
     run_status,
@@ -278,7 +279,9 @@ def _resume(cfg: DictConfig, run_dir: Path, changed: list[str]) -> StartPoint:
         except (OSError, UnicodeDecodeError, ValueError, OmegaConfBaseException, yaml.YAMLError) as exc:
             raise RunDirError(f"{source} is not a readable config ({type(exc).__name__})") from None
     else:
-        raise RunDirError(f"cannot resume {run_dir}: not a vae-train run directory (no {CHECKPOINT})")
+        raise RunDirError(
+            f"cannot resume {run_dir}: not a vae-train run directory (no {CHECKPOINT}){nearby_runs(run_dir)}"
+        )
 
     effective = _effective_config(cfg, saved, source, changed)
     if step > effective.n_train_iters:
