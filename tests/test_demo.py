@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import TINY, at_step, compose_config, read_table, skip_figures
 from hydra.core.global_hydra import GlobalHydra
@@ -74,7 +75,16 @@ def run_vae_train(args: list[str], cwd: Path) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def test_a_multirun_stopped_with_ctrl_c_compares_the_runs_that_finished(tmp_path, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handling, also where the tests run as a background job (SIGINT ignored)."""
+    outer = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, outer)
+
+
+def test_a_multirun_stopped_with_ctrl_c_compares_the_runs_that_finished(tmp_path, monkeypatch, default_sigint):
     skip_figures(monkeypatch)
     at_step(monkeypatch, 8, lambda: os.kill(os.getpid(), signal.SIGINT))  # the second job's third step
     code, err = run_vae_train(["-m", *TINY, "objective=jensen,elbo", "hydra.sweep.dir=sweep"], tmp_path)
@@ -87,6 +97,10 @@ def test_a_multirun_stopped_with_ctrl_c_compares_the_runs_that_finished(tmp_path
     log = (tmp_path / "sweep" / "0" / "train.log").read_text()
     assert "this sweep: run 1 of 2 needs about" in log  # the estimate after the first steps
     assert "torch threads: " in log
+    # the next command in this process is no sweep: its interrupt line names no sweep
+    at_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    code, err = run_vae_train([*TINY, "hydra.run.dir=single"], tmp_path)
+    assert code == 130 and "sweep" not in err.strip().splitlines()[-1]
 
 
 FAKE_TRAIN = """#!/bin/sh

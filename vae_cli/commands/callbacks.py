@@ -78,6 +78,7 @@ class ValidateBeforeRun(Callback):
     check every job first."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _sweep.clear()  # a single run: no sweep of an earlier command in this process is in progress
         run_dir = absolute(str(config.hydra.run.dir))
         with refused_in_one_line():
             source = preflight(config, run_dir)
@@ -155,7 +156,7 @@ def job_threads(launcher: DictConfig, n_jobs: int, cores: int, env: Mapping[str,
 def sweep_stopped(message: str) -> str:
     """The line of a multirun stopped by Ctrl-C (or SIGTERM): comparison.csv of the runs that finished
     is written, and the line names the one command that draws them; unchanged outside a multirun."""
-    sweep_dir = _sweep.get("dir")
+    sweep_dir = _sweep.pop("dir", None)
     if sweep_dir is None:
         return message
     try:
@@ -188,6 +189,7 @@ class CompareAfterMultirun(Callback):
     Never fails the sweep: a problem becomes one warning line (the jobs' results are on disk)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _sweep.clear()
         try:
             write_sweep_comparison(Path(str(config.hydra.sweep.dir)))
         except Exception as exc:
