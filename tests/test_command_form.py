@@ -10,7 +10,9 @@ from pathlib import Path
 from vae_cli.run.preflight import resume_command
 
 ROOT = Path(__file__).resolve().parents[1]
-OTHER_FORMS = re.compile(r"\.venv/bin/vae-|bin/vae-(train|eval|plot)|python -m vae_cli\.commands\.(train|evaluate|plot)\b")
+OTHER_FORMS = re.compile(
+    r"\.venv/bin/vae-|bin/vae-(train|eval|plot)|python -m vae_cli\.commands\.(train|evaluate|plot)\b"
+)
 
 
 def test_the_code_and_the_docs_name_the_commands_one_way():
