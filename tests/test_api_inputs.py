@@ -80,6 +80,7 @@ def test_sizes_are_ints_of_at_least_zero(runs):
     refused(r"test_images: n=-5", vae_cli.test_images, runs["bernoulli"].config, n=-5)
     refused(r"posterior: points=1, expected an int >= 2", runs["bernoulli"].posterior, torch.zeros(1, 784), points=1)
     assert model.sample(0).shape == (0, 784) and model.prior_sample(0).shape == (0, 2)
+    assert runs["bernoulli"].log_px(torch.zeros(0, 784)).shape == (0,)  # no image, no estimate
 
 
 def test_dtype_and_device_are_named(runs):

@@ -188,6 +188,8 @@ class Run:
                 f"invalid estimator {estimator!r} for this run (K={spec.K}, model={spec.decoder}, "
                 f"likelihood={spec.likelihood.name}): allowed auto, {', '.join(applicable)}"
             )
+        if not len(x):  # no image: no estimate to run
+            return torch.zeros(0, dtype=torch.float64)
         if estimator == "importance":  # every image given, not the CPU's default subset
             cfg_eval.importance_n_images = 0
         if estimator == "ais":
@@ -205,7 +207,11 @@ class Run:
             raise ConfigError(f"posterior: the grid is drawn for K = 2, this run has K={self.model.K}")
         if _size(points, "posterior", "points") < 2:
             raise InputError(f"posterior: points={points}, expected an int >= 2")
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, (int, float, np.integer, np.floating))
+            or not 0 < limit < float("inf")
+        ):
             raise InputError(f"posterior: limit={limit!r}, expected a finite number > 0")
         x = _images(self.model.module, x, "posterior", self.device)
         return grid_posterior(self.model.module, x, n=points, limit=float(limit))
