@@ -48,11 +48,20 @@ train: setup
 
 # The story in about three minutes on a CPU: jensen, the log-mean-exp and the ELBO, evaluated,
 # then vae-plot's report (conf/experiment/demo.yaml says how it differs from `make train`).
-DEMO_DIR := multirun/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+# Stopped with Ctrl-C, the runs that finished are still compared and drawn: the recipe's shell
+# outlives the SIGINT (a trap, not an ignore, so vae-train still gets it) and make waits for it.
+DEMO_DIR ?= multirun/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 demo: setup
-	$(BIN)/vae-train -m +experiment=demo hydra.sweep.dir=$(DEMO_DIR)
-	$(BIN)/vae-plot $(DEMO_DIR)
-	@echo "make demo: the report is $(DEMO_DIR)/report.md (its figures and comparison.md beside it)"
+	@trap 'stopped=1' INT; stopped=0; \
+	$(BIN)/vae-train -m +experiment=demo hydra.sweep.dir=$(DEMO_DIR); status=$$?; \
+	if [ $$status -eq 0 ]; then \
+		$(BIN)/vae-plot $(DEMO_DIR) && \
+		echo "make demo: the report is $(DEMO_DIR)/report.md (its figures and comparison.md beside it)"; \
+	elif [ -d $(DEMO_DIR) ] && { [ $$status -eq 130 ] || [ $$status -eq 143 ] || [ $$stopped -eq 1 ]; }; then \
+		$(BIN)/vae-plot $(DEMO_DIR) && \
+		echo "make demo: stopped; the report of the runs that finished is $(DEMO_DIR)/report.md"; \
+		exit $$status; \
+	else exit $$status; fi
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -60,6 +60,20 @@ CASES = [
     (["objective=elbos"], "elbos", "did you mean elbo?", "jensen"),
     (["+K=3"], "+K=3", "drop the +", ""),
     (["objective=elbo", "objective.shared_samples=true"], "objective.shared_samples", "jensen and prior_iwae", ""),
+    # did-you-mean searches the chosen option's keys, and names the option a key of another one belongs to
+    (
+        ["objective=jensen", "objective.shared_sample=true"],
+        "shared_sample",
+        "did you mean objective.shared_samples?",
+        "",
+    ),
+    (
+        ["objective=exact", "objective.shared_sample=true"],
+        "shared_sample",
+        "objective.shared_samples is a key of objective=jensen and prior_iwae only, not of objective=exact",
+        "the keys of objective=exact: grid_points, half_width",
+    ),
+    (["model=linear", "model.hiden=8"], "model.hiden", "model.hidden is a key of model=mlp only", "model=linear"),
     (["~K"], "K", "", "required"),
     (["K=abc"], "K", "abc", "Integer"),
     (["K="], "K", "", "Integer"),

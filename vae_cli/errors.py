@@ -26,6 +26,11 @@ class PathError(UserError):
     """A path that cannot be created or written (not a directory, no permission, a read-only file system)."""
 
 
+class InputError(UserError, ValueError):
+    """A value given to the Python API (vae_cli.api) that is not allowed: its shape, dtype, device,
+    range or size, named with what is expected."""
+
+
 class NonFiniteError(UserError):
     """A NaN or Inf loss, term or gradient: the run stops and keeps its last good checkpoint."""
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.errors import ConfigError, UserError
 from vae_cli.run import keys
-from vae_cli.run.config import did_you_mean
+from vae_cli.run.config import closest, did_you_mean
 from vae_cli.run.keys import GROUPS, Config, shown_default
 
 CONFIG_MODULE = "vae_cli.conf"
@@ -120,11 +120,7 @@ def _check_override(override: Override, groups: dict[str, list[str]], choices: d
             f"one of {', '.join(GROUPS[group_name])}"
         )
     if dotted not in paths:
-        hint = did_you_mean(dotted, sorted(paths | set(groups)))
-        section = dotted.rsplit(".", 1)[0] if "." in dotted else None
-        siblings = sorted(p.split(".", 1)[1] for p in paths if section and p.startswith(section + "."))
-        known = f"the keys of {section}: {', '.join(siblings)}" if siblings else "vae-train --help lists every key"
-        raise ConfigError(f"unknown key {line.lstrip('+~')}: {hint}vae-train has no key {dotted} ({known})")
+        raise ConfigError(f"unknown key {line.lstrip('+~')}: {_unknown_key_hint(dotted, groups, choices, paths)}")
     owner = dotted.split(".")[0]
     if owner in GROUPS:
         found = next(k for k in keys.keys() if k.path == dotted)
@@ -139,6 +135,34 @@ def _check_override(override: Override, groups: dict[str, list[str]], choices: d
         raise ConfigError(f"cannot delete {dotted} with ~{dotted}: every key is required (set it with {dotted}=VALUE)")
     if override.is_add() or override.is_force_add():
         raise ConfigError(f"invalid override {line}: {dotted} is a key of vae-train already; drop the +")
+
+
+def _unknown_key_hint(dotted: str, groups: dict[str, list[str]], choices: dict[str, str], paths: set[str]) -> str:
+    """The closest keys of the option chosen (a key of a group's other options only where nothing of
+    the chosen one reads like it, saying whose it is), and the keys of the chosen option."""
+    section = dotted.rsplit(".", 1)[0] if "." in dotted else None
+    choice = choices.get(section) if section in GROUPS else None
+    if choice in GROUPS.get(section or "", {}):
+        # the leaf names, so that the group's own prefix makes no two keys alike
+        leaf = dotted.split(".", 1)[1]
+        group = {k.path.split(".", 1)[1]: k.options for k in keys.group_keys(section)}
+        own = sorted(name for name, options in group.items() if not options or choice in options)
+        found = closest(leaf, own)
+        other = closest(leaf, sorted(set(group) - set(own)))
+        if found:
+            hint = f"did you mean {' or '.join(f'{section}.{name}' for name in found)}? "
+        elif other:
+            hint = (
+                f"{section}.{other[0]} is a key of {section}={' and '.join(group[other[0]])} only, "
+                f"not of {section}={choice}; "
+            )
+        else:
+            hint = ""
+        return f"{hint}vae-train has no key {dotted} (the keys of {section}={choice}: {', '.join(own) or 'none'})"
+    hint = did_you_mean(dotted, sorted(paths | set(groups)))
+    siblings = sorted(p.split(".", 1)[1] for p in paths if section and p.startswith(section + "."))
+    known = f"the keys of {section}: {', '.join(siblings)}" if siblings else "vae-train --help lists every key"
+    return f"{hint}vae-train has no key {dotted} ({known})"
 
 
 def _check_group_choice(override: Override, options: list[str] | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 # single run, by run directory, for the task function (vae_cli.commands.train) to take: the run is
 # checked and its directory held before Hydra writes into it.
 _claims: dict[Path, Any] = {}
+
+# What the jobs of a multirun read, in this process or in the processes a local launcher starts (they
+# inherit the environment): how many jobs the sweep has, and the torch threads each job takes.
+SWEEP_JOBS_ENV = "VAE_CLI_SWEEP_JOBS"
+JOB_THREADS_ENV = "VAE_CLI_JOB_THREADS"  # "N" or "N (why)"
+# The multirun in progress in this process, for the line of a sweep stopped by Ctrl-C.
+_sweep: dict[str, Path] = {}
 
 
 def changed_keys(overrides: list[str]) -> list[str]:
@@ -71,6 +78,7 @@ class ValidateBeforeRun(Callback):
     check every job first."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _sweep.clear()  # a single run: no sweep of an earlier command in this process is in progress
         run_dir = absolute(str(config.hydra.run.dir))
         with refused_in_one_line():
             source = preflight(config, run_dir)
@@ -101,6 +109,61 @@ class ValidateBeforeRun(Callback):
 
                 for job_config in jobs:
                     pipeline.check_job(job_config)
+            _sweep["dir"] = sweep_dir
+            os.environ[SWEEP_JOBS_ENV] = str(len(jobs))
+            threads = job_threads(config.hydra.launcher, len(jobs), available_cores(), os.environ)
+            if threads is not None:
+                os.environ[JOB_THREADS_ENV] = threads
+            else:
+                os.environ.pop(JOB_THREADS_ENV, None)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a cgroup or taskset may allow fewer than the machine has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def concurrent_jobs(launcher: DictConfig, n_jobs: int, cores: int) -> int:
+    """How many of a sweep's n_jobs the launcher runs at once on this machine."""
+    target = str(launcher.get("_target_", ""))
+    if target.endswith("JoblibLauncher"):  # n_jobs -1: one per core, -2: all but one, ... (joblib's rule)
+        workers = int(launcher.get("n_jobs") or 1)
+        return max(1, min(n_jobs, workers if workers > 0 else cores + 1 + workers))
+    if target.endswith("submitit_launcher.LocalLauncher"):  # submitit_local starts every job at once
+        return n_jobs
+    return 1
+
+
+def job_threads(launcher: DictConfig, n_jobs: int, cores: int, env: Mapping[str, str]) -> str | None:
+    """The torch threads of each job of a local parallel launch, "N (why)": cores // concurrent jobs
+    (at least 1), as OpenMP threads that outnumber the cores slow every job far more than their number;
+    the count the user asked for (hydra.launcher.cpus_per_task); None where OMP_NUM_THREADS is set or
+    the jobs run one at a time (each takes torch's default)."""
+    if "OMP_NUM_THREADS" in env:
+        return None
+    asked = launcher.get("cpus_per_task") if "LocalLauncher" in str(launcher.get("_target_", "")) else None
+    if asked:
+        return f"{int(asked)} (hydra.launcher.cpus_per_task={int(asked)})"
+    concurrent = concurrent_jobs(launcher, n_jobs, cores)
+    if concurrent <= 1:
+        return None
+    return f"{max(1, cores // concurrent)} ({cores} cores shared by {concurrent} jobs at once)"
+
+
+def sweep_stopped(message: str) -> str:
+    """The line of a multirun stopped by Ctrl-C (or SIGTERM): comparison.csv of the runs that finished
+    is written, and the line names the one command that draws them; unchanged outside a multirun."""
+    sweep_dir = _sweep.pop("dir", None)
+    if sweep_dir is None:
+        return message
+    try:
+        write_sweep_comparison(sweep_dir)
+    except Exception:  # no run finished, or one is unreadable: vae-plot says which
+        pass
+    return f"{message}; the sweep stopped: compare and draw the runs that finished with: vae-plot {sweep_dir}"
 
 
 @contextmanager
@@ -126,6 +189,7 @@ class CompareAfterMultirun(Callback):
     Never fails the sweep: a problem becomes one warning line (the jobs' results are on disk)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _sweep.clear()
         try:
             write_sweep_comparison(Path(str(config.hydra.sweep.dir)))
         except Exception as exc:

@@ -4,6 +4,7 @@ the config has been checked, so that --help and every refusal that needs no mode
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -14,15 +15,17 @@ import hydra
 # command line without running the app.
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import vae_cli
 from vae_cli.commands import callbacks
 from vae_cli.commands.app import check_overrides, register_configs
 from vae_cli.commands.boundary import user_errors
-from vae_cli.errors import Abort, UserError
+from vae_cli.errors import Abort, Interrupted, UserError
 
 register_configs()
+log = logging.getLogger(__name__)
 
 
 def check_command_line(argv: list[str]) -> None:
@@ -47,13 +50,20 @@ def check_command_line(argv: list[str]) -> None:
 def _train_app(cfg: DictConfig) -> float:
     # The stages and torch, now that the config has been checked (ValidateBeforeRun or, for a
     # multirun job, right here): --help and refusals never wait for them.
+    from vae_cli.run.machine import use_job_threads
     from vae_cli.stages import pipeline
+    from vae_cli.stages.training import Place
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    place = Place(experiment=hydra_cfg.runtime.choices.get("experiment"))
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        jobs = os.environ.get(callbacks.SWEEP_JOBS_ENV)
+        place = Place(place.experiment, hydra_cfg.job.num, int(jobs) if jobs else None)
+        log.info("torch threads: %s", use_job_threads(os.environ.get(callbacks.JOB_THREADS_ENV)))
     try:
         changed = callbacks.changed_keys(callbacks.task_overrides(hydra_cfg))
-        return pipeline.train(cfg, run_dir, changed, callbacks.take_claim(run_dir))["final_loss"]
+        return pipeline.train(cfg, run_dir, changed, callbacks.take_claim(run_dir), place)["final_loss"]
     except UserError as exc:
         raise Abort(exc) from None
 
@@ -68,4 +78,12 @@ def main() -> None:
         return
     with user_errors():
         check_command_line(sys.argv[1:])
-        _train_app()
+        try:
+            _train_app()
+        except KeyboardInterrupt:  # outside the training loop, which checkpoints and raises Interrupted
+            raise Abort(Interrupted(callbacks.sweep_stopped("interrupted (SIGINT)"), 130)) from None
+        except Abort as abort:
+            if not isinstance(abort.error, Interrupted):
+                raise
+            error = Interrupted(callbacks.sweep_stopped(str(abort.error)), abort.error.exit_code)
+            raise Abort(error) from None

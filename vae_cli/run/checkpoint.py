@@ -17,7 +17,7 @@ from vae_cli.errors import RunDirError
 from vae_cli.maths.models import LatentVariableModel, build_model
 from vae_cli.run.config import model_spec, typed_config
 from vae_cli.run.files import atomic_write_bytes
-from vae_cli.run.rundir import CHECKPOINT, LOSSES
+from vae_cli.run.rundir import CHECKPOINT, LOSSES, nearby_runs
 
 CHECKPOINT_FORMAT = 1
 
@@ -68,7 +68,7 @@ def load_model(run_dir: Path) -> tuple[DictConfig, LatentVariableModel, int]:
         why = (
             "training has not finished (or was killed)"
             if (Path(run_dir) / LOSSES).exists()
-            else "not a vae-train run directory"
+            else f"not a vae-train run directory{nearby_runs(Path(run_dir))}"
         )
         raise RunDirError(f"{run_dir} has no {CHECKPOINT}: {why}")
     state = load_checkpoint(path)

@@ -39,6 +39,16 @@ def resolve_device(name: str, quiet: bool = False) -> torch.device:
     return torch.device(name)
 
 
+def use_job_threads(threads: str | None) -> str:
+    """Set torch's thread count to the share a local parallel launch gave this job ("N (why)", see
+    vae_cli.commands.callbacks.job_threads); returns what the job's log says of its threads."""
+    if threads:
+        torch.set_num_threads(int(threads.split()[0]))
+        return threads
+    omp = os.environ.get("OMP_NUM_THREADS")
+    return f"{torch.get_num_threads()} (" + (f"OMP_NUM_THREADS={omp})" if omp else "torch's default)")
+
+
 def check_machine(cfg: DictConfig) -> torch.device:
     """The device cfg.device names, and the speed options this machine allows (each refused in one line
     where it does not apply): cuda.* need CUDA, cpu.bf16 a CPU run on a CPU with native bf16."""

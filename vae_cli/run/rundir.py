@@ -621,9 +621,51 @@ def find_runs(path: Path) -> tuple[list[Path], list[str]]:
     if not runs:
         raise RunDirError(
             f"{path} is neither a vae-train run directory (no {LOSSES}, {CHECKPOINT} or {SUMMARY}) "
-            "nor a multirun directory holding one"
+            f"nor a multirun directory holding one{nearby_runs(path)}"
         )
     return runs, notes
+
+
+NAMED = 4  # directories a line names before it counts the rest
+
+
+def _listed(paths: list[Any]) -> str:
+    more = f" and {len(paths) - NAMED} more" if len(paths) > NAMED else ""
+    return ", ".join(str(p) for p in paths[:NAMED]) + more
+
+
+def nearby_runs(path: Path) -> str:
+    """For the line that refuses `path` as a run: "; <the run or multirun directories beneath it, or
+    the one it lies in>", or "" where there is none within two levels."""
+    path = Path(path)
+
+    def job_dirs(folder: Path) -> list[Path]:
+        try:
+            children = [c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")]
+        except OSError:
+            return []
+        return sorted((c for c in children if is_run_dir(c)), key=_job_order)
+
+    if path.is_dir():
+        jobs = job_dirs(path)
+        if jobs:  # a multirun directory given where one run is expected
+            return f"; it is a multirun directory holding the runs {_listed(jobs)}: give one of them"
+        sweeps, runs = [], []
+        for child in sorted(c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")):
+            if is_run_dir(child):
+                runs.append(child)
+            elif n := len(job_dirs(child)):
+                sweeps.append(f"{child} ({n} run{'s' if n > 1 else ''})")
+        if sweeps:
+            return f"; the multirun directories beneath it: {_listed(sweeps)}"
+        if runs:
+            return f"; the run directories beneath it: {_listed(runs)}"
+    for above in list(path.parents)[:2] if path.parts else []:
+        if is_run_dir(above):
+            return f"; it lies in the run directory {above}: give that one"
+        if job_dirs(above) and above != path:
+            return f"; it lies in the multirun directory {above}: give that one"
+    return ""
 
 
 def _job_order(path: Path) -> tuple[int, int | str]:

@@ -119,15 +119,29 @@ class Comparison:
         return out
 
     def numeric_keys(self) -> list[str]:
-        """Differing experiment keys whose values are all numbers, the seed aside: the parameters to plot against."""
+        """The parameters to plot against: differing experiment keys whose values are all numbers, the
+        seed aside, where at least two runs that agree on every other experiment key (the seed aside:
+        runs of several seeds are one point) differ in it, so that a line compares like with like."""
         out = []
         for key in self.keys:
             if key == SEED:
                 continue
             values = [run.experiment.get(key) for run in self.runs]
-            if all(v is not None and _number(v) is not None for v in values):
+            if all(v is not None and _number(v) is not None for v in values) and self._varies_alone(key):
                 out.append(key)
         return out
+
+    def _varies_alone(self, key: str) -> bool:
+        values_by_rest: dict[tuple, set[str]] = {}
+        for run in self.runs:
+            rest = tuple(sorted((k, v) for k, v in run.experiment.items() if k not in (key, SEED)))
+            values_by_rest.setdefault(rest, set()).add(run.experiment.get(key))
+        return any(len(values) > 1 for values in values_by_rest.values())
+
+    def shared(self) -> dict[str, str]:
+        """The experiment keys every run has with the same value (those the table's columns leave out)."""
+        first, *rest = [run.experiment for run in self.runs] or [{}]
+        return {k: v for k, v in first.items() if k not in self.keys and all(e.get(k) == v for e in rest)}
 
     def metrics_present(self) -> list[str]:
         return [m for m in METRICS if any(not math.isnan(self.values[run.name][m][0]) for run in self.runs)]
@@ -292,11 +306,19 @@ def caption(comparison: Comparison) -> str:
     return " ".join(parts)
 
 
+def shared_line(comparison: Comparison) -> str:
+    """The line above the table: what every run shares, which no column shows where it is not always shown."""
+    shared = comparison.shared()
+    if not shared:
+        return "The runs share no experiment key."
+    return f"Shared by all {len(comparison.runs)} runs: " + ", ".join(f"`{k}={v}`" for k, v in shared.items()) + "."
+
+
 def write_comparison(comparison: Comparison, out_dir: Path) -> tuple[Path, Path]:
     """comparison.csv and comparison.md in out_dir, one row per run (and per group of seeds), each written atomically."""
     columns, rows = comparison_rows(comparison)
     out_dir = Path(out_dir)
-    md = caption(comparison) + "\n\n" + comparison_markdown(columns, rows)
+    md = caption(comparison) + "\n\n" + shared_line(comparison) + "\n\n" + comparison_markdown(columns, rows)
     atomic_write_bytes(out_dir / COMPARISON_CSV, comparison_csv(columns, rows))
     atomic_write_bytes(out_dir / COMPARISON_MD, md.encode())
     return out_dir / COMPARISON_CSV, out_dir / COMPARISON_MD

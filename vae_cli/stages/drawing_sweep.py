@@ -1,6 +1,8 @@
 """Figures that compare runs: overlaid loss curves, and each metric against a swept experiment key
 (one line per value of the other differing keys; runs that differ only by their seed as one point,
-the mean with the sd over the seeds as its error bar, else the stderr over test images)."""
+the mean with the sd over the seeds as its error bar, else the run's stderr). Each panel's caption
+says what its error bars are over: the final loss's over the last training steps, the evaluation's
+over test images."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 from matplotlib import colormaps
 
-from vae_cli.run.rundir import RunFiles
+from vae_cli.run.rundir import FINAL_WINDOW, RunFiles
 from vae_cli.stages.comparison import SEED, Comparison, _number
 from vae_cli.stages.drawing import moving_average, save_figure, smoothing_window, subplots
 
@@ -95,22 +97,27 @@ def save_metrics_against(comparison: Comparison, key: str, path: Path) -> str:
             ax.set_xticks(sorted(set(xs_all)), [f"{x:g}" for x in sorted(set(xs_all))])
         ax.set_xlabel(key)
         ax.set_ylabel(METRIC_LABELS.get(m, m))
+        ax.set_title(f"error bars: {bar_caption(m, 'point' if comparison.groups else '')}", fontsize=7, wrap=True)
         ax.grid(alpha=0.3)
     # The last panel may lack some groups (gap_elbo: encoder objectives only), so the legend lists them all.
     labels = [group for group in groups if group in handles]
     axes[0, -1].legend([handles[g] for g in labels], labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    bars = error_bars(comparison)
     names = ", ".join(METRIC_LABELS.get(m, m).split(" (")[0] for m in metrics)
-    fig.suptitle(f"{names} against {key} (error bars: {bars})", fontsize=9)
+    fig.suptitle(f"{names} against {key}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
-    return bars
+    return error_bars(metrics, "point" if comparison.groups else "")
 
 
-def error_bars(comparison: Comparison) -> str:
-    if comparison.groups:
-        return "sd over the seeds of each point; 1 stderr over test images where a point is one run"
-    return "1 stderr over test images (final loss: over its last steps)"
+def bar_caption(m: str, seeds: str = "") -> str:
+    """What metric m's error bars are over; `seeds` names what a mean of seeds is drawn as (point, row)."""
+    own = f"1 stderr over the last {FINAL_WINDOW} training steps" if m == "final_loss" else "1 stderr over test images"
+    return f"sd over the seeds where a {seeds} is a mean of seeds, else {own}" if seeds else own
+
+
+def error_bars(metrics: list[str], seeds: str = "") -> str:
+    """Every panel's caption, for the report: `metric: what its bars are over`, joined."""
+    return "; ".join(f"{METRIC_LABELS.get(m, m).split(' (')[0]}: {bar_caption(m, seeds)}" for m in metrics)
 
 
 def save_metrics_by_run(comparison: Comparison, path: Path) -> str:
@@ -135,11 +142,11 @@ def save_metrics_by_run(comparison: Comparison, path: Path) -> str:
             color="C0",
         )
         ax.set_xlabel(METRIC_LABELS.get(m, m), fontsize=8)
+        ax.set_title(f"error bars: {bar_caption(m, 'row' if comparison.groups else '')}", fontsize=7, wrap=True)
         ax.grid(alpha=0.3)
     axes[0, 0].set_yticks(range(len(labels)), labels, fontsize=7)
     axes[0, 0].invert_yaxis()
-    bars = "1 stderr over test images per run" + ("; sd over the seeds per mean of seeds" if comparison.groups else "")
-    fig.suptitle(f"metrics per run (error bars: {bars})", fontsize=9)
+    fig.suptitle("metrics per run", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
-    return bars
+    return error_bars(metrics, "row" if comparison.groups else "")

@@ -50,6 +50,7 @@ from vae_cli.run.rundir import (
     RunLock,
     is_run_dir,
     losses_up_to,
+    nearby_runs,
     read_json,
     read_losses,
     run_status,
@@ -88,16 +89,21 @@ class Claim:
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, changed: list[str] | None = None, claim: Claim | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    changed: list[str] | None = None,
+    claim: Claim | None = None,
+    place: training.Place | None = None,
 ) -> dict[str, Any]:
     """Run the stages of vae-train that `run_dir` still needs; returns summary.json's dict.
 
     `changed`: the keys the command line sets (for resume=, which refuses changes to most keys);
-    `claim`: the lock and start point claim_run() made already (before Hydra wrote into the run)."""
+    `claim`: the lock and start point claim_run() made already (before Hydra wrote into the run);
+    `place`: the multirun job and +experiment preset the run belongs to (training.Place)."""
     run_dir = Path(run_dir)
     claim = claim or claim_run(cfg, run_dir, changed)
     try:
-        summary = run_stages(claim, run_dir)
+        summary = run_stages(claim, run_dir, place)
     finally:
         claim.lock.release()
     training.ignore_preemption_when_done()
@@ -143,7 +149,7 @@ def _missing_folders(path: Path) -> list[Path]:
     return missing
 
 
-def run_stages(claim: Claim, run_dir: Path) -> dict[str, Any]:
+def run_stages(claim: Claim, run_dir: Path, place: training.Place | None = None) -> dict[str, Any]:
     start = claim.start
     cfg, device = start.cfg, start.device
     heap = device.type == "cpu" and keep_freed_heap_memory()
@@ -159,7 +165,9 @@ def run_stages(claim: Claim, run_dir: Path) -> dict[str, Any]:
 
     with open_tracker(cfg, run_dir, purge_step(start)) as tracker:
         if "train" in start.stages:
-            fitted = training.fit(cfg, start.spec, run_dir, images, device, facts, start.state, start.losses, tracker)
+            fitted = training.fit(
+                cfg, start.spec, run_dir, images, device, facts, start.state, start.losses, tracker, place
+            )
             model, losses, summary = fitted.model, fitted.losses, fitted.summary
         else:  # resumed past training: the checkpoint's model, the run's own losses and summary
             model, losses = start.model.to(device), read_losses(run_dir / LOSSES)
@@ -278,7 +286,9 @@ def _resume(cfg: DictConfig, run_dir: Path, changed: list[str]) -> StartPoint:
         except (OSError, UnicodeDecodeError, ValueError, OmegaConfBaseException, yaml.YAMLError) as exc:
             raise RunDirError(f"{source} is not a readable config ({type(exc).__name__})") from None
     else:
-        raise RunDirError(f"cannot resume {run_dir}: not a vae-train run directory (no {CHECKPOINT})")
+        raise RunDirError(
+            f"cannot resume {run_dir}: not a vae-train run directory (no {CHECKPOINT}){nearby_runs(run_dir)}"
+        )
 
     effective = _effective_config(cfg, saved, source, changed)
     if step > effective.n_train_iters:

@@ -122,11 +122,13 @@ def fit(
     state: dict[str, Any] | None = None,
     losses: bytes | None = None,
     tracker: Tracker | None = None,
+    place: Place | None = None,
 ) -> Fitted:
     """Train the model `spec` (the one cfg describes) on `images`, from step 0 or from the checked checkpoint `state`
     (with losses.csv cut back to its step: `losses`); summary.json says `trained` at the end.
     `facts` are the run's own (data, process settings, the lock), recorded in summary.json; `tracker`
-    (vae_cli.stages.tracking) is given every step and every checkpoint.
+    (vae_cli.stages.tracking) is given every step and every checkpoint; `place` where the run sits (a
+    multirun's job, an +experiment preset), for the estimate after its first steps.
 
     Expects torch's RNG seeded with cfg.seed before `images` were loaded (the batches draw from it)."""
     run_dir = Path(run_dir)
@@ -168,7 +170,7 @@ def fit(
             )
 
         start = last = time.perf_counter()
-        hint = CpuHint(cfg, device, first_step)
+        hint = CpuHint(cfg, device, first_step, place)
         bar = tqdm(
             range(first_step + 1, cfg.n_train_iters + 1),
             initial=first_step,
@@ -228,16 +230,32 @@ def fit(
     return Fitted(model, log_file.history, summary)
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a run sits: the +experiment preset it belongs to (its CPU hint never proposes that one),
+    and in a multirun its job number and the number of jobs (it then estimates the sweep's total)."""
+
+    experiment: str | None = None
+    job: int | None = None  # 0-based
+    jobs: int | None = None
+
+
+DEMO = "demo"  # the +experiment preset the CPU hint proposes
+
+
 class CpuHint:
     """One line after the first steps of a run on the CPU: how long the whole run will take at this
     pace, and the faster ways to the same lesson where they apply (the defaults are the reference
-    experiment, sized for a GPU)."""
+    experiment, sized for a GPU). A job of a multirun says, at the same point and on any device,
+    how long the sweep's training will take at this pace."""
 
     STEPS = 3  # the first step warms up; the pace is taken over the next ones
     WORTH_IT_S = 120  # a run shorter than this needs no hint
 
-    def __init__(self, cfg: DictConfig, device: torch.device, first_step: int):
-        self.cfg, self.first_step, self.done = cfg, first_step, device.type != "cpu"
+    def __init__(self, cfg: DictConfig, device: torch.device, first_step: int, place: Place | None = None):
+        self.cfg, self.first_step, self.place = cfg, first_step, place or Place()
+        self.on_cpu = device.type == "cpu"
+        self.done = not self.on_cpu and self.place.jobs is None
         self.since: float | None = None
 
     def after(self, step: int, now: float) -> None:
@@ -249,13 +267,31 @@ class CpuHint:
         elif step - self.first_step > self.STEPS:
             self.done = True
             per_step = (now - self.since) / (step - self.first_step - 1)
-            line = cpu_hint(self.cfg, per_step * (self.cfg.n_train_iters - step))
+            if self.place.jobs is not None:
+                log.info(sweep_estimate(self.cfg, self.place, per_step, step))
+            line = cpu_hint(self.cfg, per_step * (self.cfg.n_train_iters - step), self.place) if self.on_cpu else None
             if line:
                 log.warning(line)
 
 
-def cpu_hint(cfg: DictConfig, seconds_left: float) -> str | None:
-    """The hint's line, where the rest of the run takes WORTH_IT_S or more."""
+def sweep_estimate(cfg: DictConfig, place: Place, per_step: float, step: int) -> str:
+    """The line a multirun's job says after its first steps: its own training time left, and the
+    sweep's, the jobs after it taken at this job's pace (evaluation comes on top)."""
+    this = per_step * (cfg.n_train_iters - step)
+    later = max(0, place.jobs - place.job - 1)
+    rest = this + later * per_step * cfg.n_train_iters
+    what = f"the {place.experiment}" if place.experiment else "this sweep"
+    return (
+        f"{what}: run {place.job + 1} of {place.jobs} needs about {_duration(this)} more for its "
+        f"{cfg.n_train_iters} steps; the {later} run{'' if later == 1 else 's'} after it about "
+        f"{_duration(rest - this)} more at this pace: about {_duration(rest)} of training left in all "
+        "(each run's evaluation adds to it)"
+    )
+
+
+def cpu_hint(cfg: DictConfig, seconds_left: float, place: Place | None = None) -> str | None:
+    """The hint's line, where the rest of the run takes WORTH_IT_S or more; it never proposes the
+    experiment the run belongs to."""
     if seconds_left < CpuHint.WORTH_IT_S:
         return None
     faster = []
@@ -263,7 +299,10 @@ def cpu_hint(cfg: DictConfig, seconds_left: float) -> str | None:
         faster.append("objective.shared_samples=true (one set of prior draws per step: about 100x a step)")
     if not cfg.cpu.bf16 and cpu_has_bf16():
         faster.append("cpu.bf16=true (this CPU multiplies bf16 natively: about 2.7x a step)")
-    faster.append("vae-train -m +experiment=demo (jensen, the log-mean-exp and the ELBO in about 3 minutes)")
+    if (place or Place()).experiment != DEMO:
+        faster.append("vae-train -m +experiment=demo (jensen, the log-mean-exp and the ELBO in about 3 minutes)")
+    elif not faster:
+        return f"on the CPU this run needs about {_duration(seconds_left)} more for its {cfg.n_train_iters} steps"
     return (
         f"on the CPU this run needs about {_duration(seconds_left)} more for its {cfg.n_train_iters} steps "
         "(the defaults are the reference experiment, sized for a GPU); faster ways to the same lesson: "
