@@ -16,7 +16,7 @@ LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --extra docs --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
-.PHONY: setup lock lock-check train demo test lint readme tour bench slurm-packages slurm-start slurm-stop clean
+.PHONY: setup lock lock-check train demo test test-all docs docs-serve figures lint keys-table tour bench slurm-packages slurm-start slurm-stop clean
 
 setup: $(STAMP)
 
@@ -59,12 +59,40 @@ demo: setup
 	$(BIN)/vae-plot $(DEMO_DIR)
 	@echo "make demo: the report is $(DEMO_DIR)/report.md (its figures and comparison.md beside it)"
 
+# The fast loop (a few minutes on 2 cores): the maths, the config, one end-to-end run per command.
+# test-all runs everything, as CI does: the markers' tests too (docs/contributing.md, Tests), in
+# TEST_WORKERS processes (pytest-xdist), then the slurm tests on their own (one cluster a session).
+FAST := not slow and not slurm and not mnist and not notebook
+TEST_WORKERS ?= 1
+TEST_ALL_ARGS ?=
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
-# README's key table, made from the schema (vae_cli/run/keys.py); tests/test_structure.py fails when they differ
-readme: setup
-	$(BIN)/python -m vae_cli.commands.readme README.md
+test-all: setup
+	$(BIN)/python -m pytest -q -m "not slurm" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(TEST_ALL_ARGS)
+	$(BIN)/python -m pytest -q -m slurm $(TEST_ALL_ARGS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link, anchor or
+# reference. docs-serve: the same, served with live reload.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# Every figure and table the docs show, from the current code (docs/make_figures.sh says which).
+# FIGURES_SIZE=small: the same commands at tiny sizes into build/figures-small (a check that each
+# step runs; the docs' figures untouched); FIGURES_SIZE=full: the real runs (hours on a CPU), their
+# figures copied into docs/. FIGURES_RUNS keeps the runs (resumable: a finished run is kept).
+FIGURES_SIZE ?= small
+FIGURES_RUNS ?= runs/figures-$(FIGURES_SIZE)
+figures: setup
+	PATH="$(abspath $(BIN)):$$PATH" sh docs/make_figures.sh --size $(FIGURES_SIZE) $(FIGURES_RUNS)
+
+# The key table of docs/configuration.md, made from the schema (vae_cli/run/keys.py);
+# tests/test_structure.py fails when they differ
+keys-table: setup
+	$(BIN)/python -m vae_cli.commands.readme docs/configuration.md
 
 # docs/tour.ipynb from its source docs/tour.py, executed at the small sizes (a few minutes on a CPU)
 tour: setup
@@ -105,4 +133,4 @@ slurm-stop:
 	bash scripts/slurm_cluster.sh stop $(SLURM_DIR)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site .cache *.egg-info

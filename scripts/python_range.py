@@ -2,7 +2,7 @@
 
 Run by `make setup` with the interpreter it would build .venv from, before anything is installed, so
 it reads pyproject.toml without tomllib and compares plain X.Y bounds (>=, >, <, <=, ==, !=), and
-runs on any Python 3.
+runs on any Python from 3.6.
 """
 
 import re
@@ -27,8 +27,8 @@ def main():
         op, major, minor = re.fullmatch(r"\s*(>=|<=|==|!=|>|<)\s*(\d+)\.(\d+)\s*", clause).groups()
         if not COMPARE[op](version, (int(major), int(minor))):
             print(
-                "make setup: Python %d.%d (%s) is outside vae-cli's supported range %s (pyproject.toml); "
-                "name one inside it: make setup PYTHON=python3.X" % (version + (sys.executable, spec)),
+                f"make setup: Python {version[0]}.{version[1]} ({sys.executable}) is outside vae-cli's supported "
+                f"range {spec} (pyproject.toml); name one inside it: make setup PYTHON=python3.X",
                 file=sys.stderr,
             )
             sys.exit(1)

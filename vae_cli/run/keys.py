@@ -109,7 +109,7 @@ class ObjectiveConfig:
 
 @dataclass
 class PriorObjectiveConfig(ObjectiveConfig):
-    shared_samples: bool = key(False, "one set of n_samples prior draws per step for the whole batch (README, Speed)")
+    shared_samples: bool = key(False, "one set of n_samples prior draws per step for the whole batch (docs: Speed)")
 
 
 @dataclass
