@@ -101,6 +101,7 @@ def test_a_broken_or_foreign_directory_raises_the_commands_one_line(elbo_run, tm
         vae_cli.load_run(broken)
 
 
+@pytest.mark.slow
 def test_train_from_python_in_a_loop(tmp_path):
     summaries = [vae_cli.train([*TINY, f"seed={seed}"], tmp_path / str(seed)) for seed in (0, 1)]
     assert [s["seed"] for s in summaries] == [0, 1] and all(s["status"] == "completed" for s in summaries)

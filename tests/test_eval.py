@@ -105,6 +105,7 @@ def test_vae_eval_reproduces_the_evaluation_from_the_run_files(run, capsys):
     assert json.loads((run_dir / SUMMARY).read_text())["eval_n_images"] == 10
 
 
+@pytest.mark.slow
 def test_a_run_trained_further_drops_the_evaluation_of_its_older_parameters(tmp_path):
     run_dir = tmp_path / "run"
     train(compose_config(["n_train_iters=4", *CHEAP_EVAL]), run_dir)
@@ -124,6 +125,7 @@ def test_a_run_trained_further_drops_the_evaluation_of_its_older_parameters(tmp_
         ({"estimates": {"prior_mc": {"value": "x", "stderr": 1, "seconds": 1, "settings": {}}}}, ["prior_mc"]),
     ],
 )
+@pytest.mark.slow
 def test_a_hand_edited_eval_json_is_computed_again(tmp_path, edit, edited, capsys):
     run_dir = tmp_path / "run"
     train(compose_config(["objective=elbo", "n_train_iters=2", *CHEAP_EVAL]), run_dir)
@@ -136,6 +138,7 @@ def test_a_hand_edited_eval_json_is_computed_again(tmp_path, edit, edited, capsy
     assert again["log_px"] == pytest.approx(result["log_px"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_the_batch_size():
     cfg, model, images = tiny_model()
     results = [run_eval(cfg, model, images, batch_size=b) for b in (64, 7)]
@@ -158,6 +161,7 @@ def test_a_decoder_that_ignores_z_evaluates_to_the_exact_likelihood():
     assert result["estimates"]["quadrature"]["halving"]["change"] == pytest.approx(0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
     import vae_cli.stages.estimates as evaluate_module
 
@@ -261,6 +265,7 @@ def test_the_mean_image_model_scores_205_8_nats_on_mnist(mnist_root):
         assert value == pytest.approx(0.0 if name.startswith("gap") else result["log_px"], abs=1e-3), name
 
 
+@pytest.mark.slow
 def test_importance_on_a_subset_is_the_full_estimate_of_those_images():
     """eval.importance_n_images=16: importance, ELBO and IWAE-k on the first 16 images (draws seeded per
     image, so the same numbers as on those images alone); the gaps are paired on them; quadrature keeps all."""
@@ -276,6 +281,7 @@ def test_importance_on_a_subset_is_the_full_estimate_of_those_images():
     assert "on the first 16 test images only" in format_table(result)
 
 
+@pytest.mark.slow
 def test_the_cpu_default_subset_and_vae_eval_full(run, capsys):
     run_dir, _ = run
     assert importance_sizes(EvalConfig(), torch.device("cpu"), 10_000) == (1000, 1000)

@@ -102,6 +102,7 @@ def test_k_above_2_and_bad_grids_are_refused():
         validate(compose_config(["objective=exact", "objective.half_width=0.0"]))
 
 
+@pytest.mark.slow
 def test_exact_trains_and_logs_the_grids_error(tmp_path):
     cfg = compose_config(
         [
