@@ -16,7 +16,7 @@ LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --extra docs --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
-.PHONY: setup lock lock-check train demo test test-all docs docs-serve figures lint keys-table tour bench slurm-packages slurm-start slurm-stop clean
+.PHONY: setup lock lock-check train demo test test-all test-slurm docs docs-serve figures lint keys-table tour bench slurm-packages slurm-start slurm-stop clean
 
 setup: $(STAMP)
 
@@ -64,13 +64,15 @@ demo: setup
 # TEST_WORKERS processes (pytest-xdist), then the slurm tests on their own (one cluster a session).
 FAST := not slow and not slurm and not mnist and not notebook
 TEST_WORKERS ?= 1
-TEST_ALL_ARGS ?=
 test: setup
 	$(BIN)/python -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "not slurm" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(TEST_ALL_ARGS)
-	$(BIN)/python -m pytest -q -m slurm $(TEST_ALL_ARGS)
+	$(BIN)/python -m pytest -q -m "not slurm" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-slurm
+
+test-slurm: setup
+	$(BIN)/python -m pytest -q -m slurm $(PYTEST_ARGS)
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link, anchor or
 # reference. docs-serve: the same, served with live reload.

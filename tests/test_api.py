@@ -53,6 +53,7 @@ def test_the_model_decodes_encodes_and_samples_the_prior(elbo_run):
     assert mu.shape == logvar.shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_log_px_per_image_by_the_estimators_of_vae_eval(elbo_run):
     run = vae_cli.load_run(elbo_run)
     x = vae_cli.test_images(run.config, n=run.eval["n_images"])
@@ -68,6 +69,7 @@ def test_log_px_per_image_by_the_estimators_of_vae_eval(elbo_run):
         run.log_px(x, "closed_form")  # an MLP decoder has no closed form
 
 
+@pytest.mark.slow
 def test_the_exact_posterior_on_a_grid(elbo_run):
     run = vae_cli.load_run(elbo_run)
     x = vae_cli.test_images(run.config, n=3)

@@ -85,6 +85,7 @@ def test_training_writes_eval_json_and_the_headline_numbers(run):
     assert on_disk["log_px"] == result["log_px"] and on_disk["final_loss"] == summary["final_loss"]
 
 
+@pytest.mark.slow
 def test_vae_eval_reproduces_the_evaluation_from_the_run_files(run, capsys):
     run_dir, _ = run
     before = json.loads((run_dir / EVAL).read_text())
@@ -186,6 +187,7 @@ def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
     "objective, K, estimator",
     [("jensen", 2, "quadrature"), ("jensen", 3, "ais"), ("elbo", 3, "ais"), ("iwae", 1, "quadrature")],
 )
+@pytest.mark.slow
 def test_log_px_names_the_best_available_estimator(objective, K, estimator):
     cfg, model, images = tiny_model(objective, K)
     result = run_eval(cfg, model, images, n_images=8)
