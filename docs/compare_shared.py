@@ -1,4 +1,4 @@
-"""Shared against independent prior samples at equal wall time (README, Speed: "Shared prior samples").
+"""Shared against independent prior samples at equal wall time (docs: Speed, "Shared prior samples").
 
 For jensen and prior_iwae at the default config, time a few steps of each, train each for about
 SECONDS of its own steps through the real vae-train pipeline, then compare the final loss and the

@@ -1,5 +1,5 @@
 """Every estimator scored against the truth: linear-Gaussian models of grey-level MNIST, whose log p(x)
-is closed-form at every K (README, "Known truth at every K").
+is closed-form at every K (docs: "Known truth at every K").
 
 For each K, train `objective=elbo model=linear likelihood=gaussian data.binarization=none K=K` (and,
 with --jensen, the same model on the Jensen bound), then score AIS, importance sampling with q and

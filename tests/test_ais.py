@@ -21,6 +21,8 @@ from vae_cli.stages import estimates
 from vae_cli.stages.estimates import ais_settings, ais_sizes
 from vae_cli.stages.evaluation import format_table
 
+pytestmark = pytest.mark.slow  # make test-all only (docs/contributing.md, Tests)
+
 
 def settings(steps: int = 500, chains: int = 16, leapfrog: int = 5, gradient_dtype=torch.float32) -> AISSettings:
     return AISSettings(steps, chains, leapfrog, step_size=None, seed=0, gradient_dtype=gradient_dtype)

@@ -53,6 +53,7 @@ def test_the_model_decodes_encodes_and_samples_the_prior(elbo_run):
     assert mu.shape == logvar.shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_log_px_per_image_by_the_estimators_of_vae_eval(elbo_run):
     run = vae_cli.load_run(elbo_run)
     x = vae_cli.test_images(run.config, n=run.eval["n_images"])
@@ -68,6 +69,7 @@ def test_log_px_per_image_by_the_estimators_of_vae_eval(elbo_run):
         run.log_px(x, "closed_form")  # an MLP decoder has no closed form
 
 
+@pytest.mark.slow
 def test_the_exact_posterior_on_a_grid(elbo_run):
     run = vae_cli.load_run(elbo_run)
     x = vae_cli.test_images(run.config, n=3)
@@ -101,6 +103,7 @@ def test_a_broken_or_foreign_directory_raises_the_commands_one_line(elbo_run, tm
         vae_cli.load_run(broken)
 
 
+@pytest.mark.slow
 def test_train_from_python_in_a_loop(tmp_path):
     summaries = [vae_cli.train([*TINY, f"seed={seed}"], tmp_path / str(seed)) for seed in (0, 1)]
     assert [s["seed"] for s in summaries] == [0, 1] and all(s["status"] == "completed" for s in summaries)

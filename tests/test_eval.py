@@ -86,6 +86,7 @@ def test_training_writes_eval_json_and_the_headline_numbers(run):
     assert on_disk["log_px"] == result["log_px"] and on_disk["final_loss"] == summary["final_loss"]
 
 
+@pytest.mark.slow
 def test_vae_eval_reproduces_the_evaluation_from_the_run_files(run, capsys):
     run_dir, _ = run
     before = json.loads((run_dir / EVAL).read_text())
@@ -106,6 +107,7 @@ def test_vae_eval_reproduces_the_evaluation_from_the_run_files(run, capsys):
     assert json.loads((run_dir / SUMMARY).read_text())["eval_n_images"] == 10
 
 
+@pytest.mark.slow
 def test_a_run_trained_further_drops_the_evaluation_of_its_older_parameters(tmp_path):
     run_dir = tmp_path / "run"
     train(compose_config(["n_train_iters=4", *CHEAP_EVAL]), run_dir)
@@ -125,6 +127,7 @@ def test_a_run_trained_further_drops_the_evaluation_of_its_older_parameters(tmp_
         ({"estimates": {"prior_mc": {"value": "x", "stderr": 1, "seconds": 1, "settings": {}}}}, ["prior_mc"]),
     ],
 )
+@pytest.mark.slow
 def test_a_hand_edited_eval_json_is_computed_again(tmp_path, edit, edited, capsys):
     run_dir = tmp_path / "run"
     train(compose_config(["objective=elbo", "n_train_iters=2", *CHEAP_EVAL]), run_dir)
@@ -137,6 +140,7 @@ def test_a_hand_edited_eval_json_is_computed_again(tmp_path, edit, edited, capsy
     assert again["log_px"] == pytest.approx(result["log_px"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_the_batch_size():
     cfg, model, images = tiny_model()
     results = [run_eval(cfg, model, images, batch_size=b) for b in (64, 7)]
@@ -159,6 +163,7 @@ def test_a_decoder_that_ignores_z_evaluates_to_the_exact_likelihood():
     assert result["estimates"]["quadrature"]["halving"]["change"] == pytest.approx(0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
     import vae_cli.stages.estimates as evaluate_module
 
@@ -183,6 +188,7 @@ def test_evaluation_uses_full_float32_matmuls_after_tf32_training(monkeypatch):
     "objective, K, estimator",
     [("jensen", 2, "quadrature"), ("jensen", 3, "ais"), ("elbo", 3, "ais"), ("iwae", 1, "quadrature")],
 )
+@pytest.mark.slow
 def test_log_px_names_the_best_available_estimator(objective, K, estimator):
     cfg, model, images = tiny_model(objective, K)
     result = run_eval(cfg, model, images, n_images=8)
@@ -262,6 +268,7 @@ def test_the_mean_image_model_scores_205_8_nats_on_mnist(mnist_root):
         assert value == pytest.approx(0.0 if name.startswith("gap") else result["log_px"], abs=1e-3), name
 
 
+@pytest.mark.slow
 def test_importance_on_a_subset_is_the_full_estimate_of_those_images():
     """eval.importance_n_images=16: importance, ELBO and IWAE-k on the first 16 images (draws seeded per
     image, so the same numbers as on those images alone); the gaps are paired on them; quadrature keeps all."""
@@ -277,6 +284,7 @@ def test_importance_on_a_subset_is_the_full_estimate_of_those_images():
     assert "on the first 16 test images only" in format_table(result)
 
 
+@pytest.mark.slow
 def test_the_cpu_default_subset_and_vae_eval_full(run, capsys):
     run_dir, _ = run
     assert importance_sizes(EvalConfig(), torch.device("cpu"), 10_000) == (1000, 1000)

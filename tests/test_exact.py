@@ -68,6 +68,7 @@ def test_a_decoder_that_ignores_z_gives_the_factorized_bernoulli_likelihood():
     assert out.terms["halving"].item() == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_at_the_same_parameters_log_px_is_above_every_bound():
     """Images drawn from the model at z away from the prior's bulk, by a decoder that depends strongly on z:
     a sharp posterior, which prior samples and an untrained q(z|x) miss; every bound lies below log p(x)."""
@@ -102,6 +103,7 @@ def test_k_above_2_and_bad_grids_are_refused():
         validate(compose_config(["objective=exact", "objective.half_width=0.0"]))
 
 
+@pytest.mark.slow
 def test_exact_trains_and_logs_the_grids_error(tmp_path):
     cfg = compose_config(
         [

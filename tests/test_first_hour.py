@@ -16,6 +16,8 @@ from vae_cli.commands.evaluate import main as eval_main
 from vae_cli.stages.pipeline import train
 from vae_cli.stages.training import CpuHint, cpu_hint
 
+pytestmark = pytest.mark.slow  # make test-all only (docs/contributing.md, Tests)
+
 CHEAP = ["eval.enabled=true", "eval.quadrature_points=256", "eval.prior_mc_samples=32", "eval.ais_steps=10"]
 
 

@@ -131,6 +131,7 @@ PAIRS = [(o, m) for o in ("jensen", "prior_iwae", "elbo", "iwae", "exact") for m
 
 
 @pytest.mark.parametrize("objective, model", PAIRS)
+@pytest.mark.slow
 def test_every_objective_and_estimator_on_a_gaussian_likelihood(objective, model, tmp_path, monkeypatch):
     skip_figures(monkeypatch)
     overrides = [f"objective={objective}", f"model={model}", *GREY, *CHEAP_EVAL, "objective.grid_points=16"]
@@ -149,6 +150,7 @@ def test_every_objective_and_estimator_on_a_gaussian_likelihood(objective, model
     assert len(per_image[result["estimator"]]) == result["n_images"]
 
 
+@pytest.mark.slow
 def test_a_linear_gaussian_run_is_scored_against_its_closed_form(tmp_path, monkeypatch):
     """K=3 (no grid): log_px is the closed form, the gaps are exact, and AIS, importance and prior MC each
     show their distance to the truth."""
@@ -174,6 +176,7 @@ def test_a_linear_gaussian_run_is_scored_against_its_closed_form(tmp_path, monke
     assert exact_gap.mean().item() == pytest.approx(result["gap_jensen"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_the_jensen_optimum_of_a_linear_model_is_the_mean_image(tmp_path, monkeypatch):
     """E_p(z) log N(x; W z + b, sigma^2 I) = log N(x; b, sigma^2 I) - ||W||_F^2 / (2 sigma^2): maximized by W = 0."""
     skip_figures(monkeypatch)
@@ -187,6 +190,7 @@ def test_the_jensen_optimum_of_a_linear_model_is_the_mean_image(tmp_path, monkey
     assert model.decoder.net.weight.norm() < 0.05 * torch.ones(784, 2).norm()  # W shrinks towards 0
 
 
+@pytest.mark.slow
 def test_a_gaussian_run_resumes_bit_for_bit(tmp_path, monkeypatch):
     skip_figures(monkeypatch)
     threads = torch.get_num_threads()
@@ -211,6 +215,7 @@ def test_a_gaussian_run_resumes_bit_for_bit(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_the_sigma_of_a_gaussian_model_is_in_its_checkpoint(tmp_path, monkeypatch):
     skip_figures(monkeypatch)
     cfg = compose_config(["objective=jensen", *GREY, "likelihood.per_pixel=true", "eval.enabled=false"])

@@ -280,6 +280,7 @@ def gradient_ascent_ppca(x, K: int, steps: int = 2000):
     return W.detach(), b.detach(), log_sigma.exp().detach()
 
 
+@pytest.mark.slow
 def test_fit_ppca_is_the_maximum_likelihood_and_agrees_with_gradient_ascent():
     D, K, N = 5, 2, 400
     g = torch.Generator().manual_seed(24)

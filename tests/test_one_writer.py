@@ -27,6 +27,8 @@ from vae_cli.run import rundir
 from vae_cli.run.rundir import LOCK, LOSSES, SUMMARY, RunLock
 from vae_cli.stages.pipeline import train
 
+pytestmark = pytest.mark.slow  # make test-all only (docs/contributing.md, Tests)
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # bitwise equality needs the same thread count
 # Enough tiny steps (about 400 a second on one core) that a run is still training when the others start.
 LONG = [

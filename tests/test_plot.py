@@ -56,6 +56,7 @@ def test_one_run_gets_every_figure_and_a_report(elbo_run, tmp_path, capsys):
     assert f"{elbo_run} -> {out}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_partial_run_is_drawn_with_a_note(elbo_run, tmp_path, capsys):
     """A run that is still going: losses.csv (with a torn last line), no checkpoint, no summary."""
     run_dir = tmp_path / "going"
@@ -91,6 +92,7 @@ def test_broken_and_foreign_directories_get_one_line_each(tmp_path, capsys):
     assert err[-1] == "vae-plot: error: nothing could be plotted"
 
 
+@pytest.mark.slow
 def test_a_broken_directory_does_not_stop_the_others(elbo_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -107,6 +109,7 @@ def test_a_broken_directory_does_not_stop_the_others(elbo_run, tmp_path, capsys)
     assert (tmp_path / "out" / "run" / "loss.png").exists()
 
 
+@pytest.mark.slow
 def test_latent_figures_are_skipped_with_a_note_when_test_data_are_unavailable(elbo_run, tmp_path, capsys, monkeypatch):
     def unavailable(self, cfg):
         raise DataError("mnist files missing (t10k-images-idx3-ubyte)")
@@ -152,6 +155,7 @@ def fake_run(
         (run_dir / "eval.json").write_text(json.dumps(evaluation))
 
 
+@pytest.mark.slow
 def test_comparison_of_a_sweep_rows_columns_and_figures(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     evaluation = {
@@ -200,6 +204,7 @@ def test_comparison_of_a_sweep_rows_columns_and_figures(tmp_path, capsys):
     assert capsys.readouterr().err.count("vae-plot: skipped") == 1
 
 
+@pytest.mark.slow
 def test_runs_differing_only_by_objective_get_metrics_by_run(tmp_path):
     for objective in ("jensen", "elbo"):
         fake_run(tmp_path / objective, [f"objective={objective}"], 150.0)
@@ -210,6 +215,7 @@ def test_runs_differing_only_by_objective_get_metrics_by_run(tmp_path):
     assert "objective" in (out / "comparison.csv").read_text().splitlines()[0]
 
 
+@pytest.mark.slow
 def test_metrics_against_k_legend_names_every_objective(tmp_path, monkeypatch):
     """A K sweep of jensen (shared samples) and elbo: the last panel (gap_elbo) has elbo points
     only, and the legend still names both groups, each by the keys its runs have."""

@@ -43,6 +43,8 @@ from vae_cli.run.checkpoint import load_checkpoint
 from vae_cli.run.rundir import CHECKPOINT, EVAL, LOCK, LOSSES, SUMMARY, read_json
 from vae_cli.stages.pipeline import prepare, train
 
+pytestmark = pytest.mark.slow  # make test-all only (docs/contributing.md, Tests)
+
 # Tiny, but with enough steps that a poll of losses.csv can stop it part way.
 KILL_RUN = ["model.hidden=32", "n_samples=16", "batch_size=32", "n_train_iters=60", "eval.enabled=false"]
 IN_PROCESS = ["n_train_iters=12", "checkpoint_every=3", "eval.enabled=false"]

@@ -197,6 +197,7 @@ def test_encoder_objectives_have_no_shared_samples_key(make_cfg):
         make_cfg(["objective=iwae", "objective.shared_samples=true"])
 
 
+@pytest.mark.slow
 def test_speed_options_default_off_and_are_recorded(make_cfg, tmp_path):
     cfg = make_cfg(["objective.shared_samples=true", "n_train_iters=2", "eval.enabled=false"])
     validate(cfg)
@@ -278,6 +279,7 @@ def test_cpu_bf16_is_refused_without_native_bf16(make_cfg, monkeypatch):
     check_machine(make_cfg(["cpu.bf16=true"]))
 
 
+@pytest.mark.slow
 def test_cpu_bf16_run_records_it(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr("vae_cli.run.machine.cpu_has_bf16", lambda: True)  # autocast runs (emulated) on any CPU
     summary = train(make_cfg(["cpu.bf16=true", "n_train_iters=3"]), run_dir=tmp_path / "run")

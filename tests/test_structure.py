@@ -28,9 +28,9 @@ HEAVY = ("torch", "torchvision", "matplotlib", "tensorboard", "submitit")
 LAUNCHERS = ("hydra_plugins",)  # Hydra's own plugin discovery finds them when the app runs; `import vae_cli` must not
 
 
-def test_the_readme_key_table_is_the_schemas():
-    text = (ROOT / "README.md").read_text()
-    assert with_table(text) == text, "README.md's key table differs from vae_cli/run/keys.py: run `make readme`"
+def test_the_docs_key_table_is_the_schemas():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert with_table(text) == text, "docs/configuration.md's key table is not the schema's: make keys-table"
 
 
 def test_vae_eval_has_a_flag_for_every_eval_key_with_its_help():

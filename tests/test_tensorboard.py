@@ -22,6 +22,8 @@ from vae_cli.stages.evaluation import evaluate_run
 from vae_cli.stages.pipeline import train
 from vae_cli.stages.tracking import FINAL, MEANS, SAMPLES, TRACKERS, TRAIN
 
+pytestmark = pytest.mark.slow  # make test-all only (docs/contributing.md, Tests)
+
 RUN = ["logger=tensorboard", "n_train_iters=12", "checkpoint_every=5"]
 ALL = {"scalars": 0, "images": 0, "tensors": 0}  # keep every event, not a sample
 

@@ -62,6 +62,7 @@ def test_each_objective_trains_and_writes_every_artifact(make_cfg, tmp_path, obj
 
 
 @pytest.mark.parametrize("K", [1, 2, 5, 50])
+@pytest.mark.slow
 def test_every_layer_is_sized_from_K(make_cfg, tmp_path, K):
     cfg = make_cfg(["objective=elbo", f"K={K}", "n_train_iters=2"])
     train(cfg, run_dir=tmp_path)
@@ -70,6 +71,7 @@ def test_every_layer_is_sized_from_K(make_cfg, tmp_path, K):
     assert state["model"]["encoder.net.4.weight"].shape[0] == 2 * K
 
 
+@pytest.mark.slow
 def test_decoder_starts_at_the_mean_image_model(make_cfg, tmp_path):
     cfg = make_cfg()
     data = load_images(data_config(cfg), cfg.seed, torch.device("cpu"))
@@ -78,6 +80,7 @@ def test_decoder_starts_at_the_mean_image_model(make_cfg, tmp_path):
     torch.testing.assert_close(torch.sigmoid(last.bias), data.pixel_means.clamp(1e-4, 1 - 1e-4))
 
 
+@pytest.mark.slow
 def test_dynamic_binarization_trains(make_cfg, tmp_path):
     train(make_cfg(["data.binarization=dynamic"]), run_dir=tmp_path)
     check_run_dir(tmp_path, "jensen", 5)

@@ -227,7 +227,7 @@ def _cell(text: str) -> str:
 
 
 def readme_table() -> str:
-    """README's key table, made from the schema (`make readme` writes it; a test compares)."""
+    """The docs' key table (docs/configuration.md), made from the schema (`make keys-table` writes it; a test compares)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     defaults = default_choices()
     for group_name, options in GROUPS.items():

@@ -1,8 +1,8 @@
-"""README's key table, made from the schema: `make readme` writes it between its markers, and a test
-fails when the README's copy differs from what the schema says.
+"""The documentation's key table (docs/configuration.md), made from the schema: `make keys-table`
+writes it between its markers, and a test fails when the page's copy differs from what the schema says.
 
-    python -m vae_cli.commands.readme README.md           # rewrite the table in place
-    python -m vae_cli.commands.readme --check README.md   # exit 1 when it differs
+    python -m vae_cli.commands.readme docs/configuration.md           # rewrite the table in place
+    python -m vae_cli.commands.readme --check docs/configuration.md   # exit 1 when it differs
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 
 from vae_cli.commands.app import readme_table
 
-BEGIN = "<!-- keys: made by `make readme` from vae_cli/run/keys.py; edit the schema, not this table -->"
+BEGIN = "<!-- keys: made by `make keys-table` from vae_cli/run/keys.py; edit the schema, not this table -->"
 END = "<!-- end of keys -->"
 
 
 def with_table(text: str) -> str:
-    """The README text with its key table replaced by the schema's."""
+    """The page's text with its key table replaced by the schema's."""
     if BEGIN not in text or END not in text:
-        raise ValueError(f"README has no key table between {BEGIN!r} and {END!r}")
+        raise ValueError(f"no key table between {BEGIN!r} and {END!r}")
     before, rest = text.split(BEGIN, 1)
     _, after = rest.split(END, 1)
     return f"{before}{BEGIN}\n{readme_table()}{END}{after}"
@@ -28,14 +28,14 @@ def with_table(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("readme", type=Path)
-    parser.add_argument("--check", action="store_true", help="exit 1 when the README's table differs")
+    parser.add_argument("readme", type=Path, help="the page holding the table (docs/configuration.md)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the page's table differs")
     args = parser.parse_args(argv)
     text = args.readme.read_text()
     new = with_table(text)
     if args.check:
         if new != text:
-            print(f"{args.readme}: the key table differs from the schema; run `make readme`", file=sys.stderr)
+            print(f"{args.readme}: the key table differs from the schema; run `make keys-table`", file=sys.stderr)
             sys.exit(1)
         return
     args.readme.write_text(new)

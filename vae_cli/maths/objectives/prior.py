@@ -10,7 +10,7 @@ from vae_cli.maths.options import key
 
 @dataclass
 class PriorObjectiveConfig:
-    shared_samples: bool = key(False, "one set of n_samples prior draws per step for the whole batch (README, Speed)")
+    shared_samples: bool = key(False, "one set of n_samples prior draws per step for the whole batch (docs: Speed)")
 
 
 def prior_log_px_z(model: Any, x: Any, n_samples: int, shared_samples: bool) -> Any:
