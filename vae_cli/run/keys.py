@@ -105,7 +105,7 @@ class DataConfig:
     binarization: str = key(
         "static",
         "static: one seeded draw of the training set; dynamic: a new draw every batch; "
-        "none: grey levels, dequantized (likelihood=gaussian)",
+        "none: grey levels, dequantized (for a likelihood of grey levels)",
         one_of(*BINARIZATIONS),
     )
 
