@@ -29,13 +29,14 @@ def quadrature_grid(
     dtype: torch.dtype | None = None,
     center: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Midpoints z_g (G, K) of a regular grid over center + [-L, L]^K and log w_g = log p(z_g) + K log h, so
-    that log p(x) ~= logsumexp_g (log w_g + log p(x|z_g)): the midpoint rule for the integral of p(x|z) p(z) dz.
+    """Midpoints z_g (G, K) of a regular grid over center + [-L, L]^K and log w_g = log p(z_g) h^K / Z, so that
+    log p(x) ~= logsumexp_g (log w_g + log p(x|z_g)): the midpoint rule for the integral of p(x|z) p(z) dz.
 
     The one convention of every quadrature in vae-cli (the evaluation, objective=exact, the figures and
-    Run.posterior): the prior is not renormalized to the box, so a grid off the origin sums the same
-    integral. (The midpoint sum of p(z) h^K over [-6, 6]^K differs from 1 by the mass outside, 2e-9 per
-    dimension.)"""
+    Run.posterior). Z is the rule's sum of p over the whole lattice of that spacing, not over the box:
+    the prior's weights sum to 1 however coarse the grid, and a box off the origin (a zoom on a sharp
+    posterior) sums the same integral as the whole grid. Over [-6, 6]^K the box holds all but 2e-9 of
+    the lattice's mass per dimension."""
     z, log_w = grid_points(K, points_per_dim, half_width, center)
     dtype = dtype or torch.get_default_dtype()
     return torch.from_numpy(z).to(device, dtype), torch.from_numpy(log_w).to(device, dtype)

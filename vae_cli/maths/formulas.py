@@ -39,13 +39,25 @@ def grid_axis(points_per_dim: int, half_width: float, center: float = 0.0) -> np
     return center - half_width + h * (np.arange(points_per_dim, dtype=np.float64) + 0.5)
 
 
+def lattice_log_normalizer(axis: np.ndarray) -> float:
+    """log sum_i p(a + i h) h over the whole 1-D lattice through the axis' points (spacing h, offset a),
+    for a standard normal p: what the midpoint rule gives the prior's total mass, 1 up to the rule's error."""
+    h = float(axis[1] - axis[0]) if len(axis) > 1 else 1.0
+    reach = int(40 / h) + len(axis)  # p is below 1e-300 past |z| = 40
+    points = axis[0] + h * np.arange(-reach, reach + 1)
+    return float(np.logaddexp.reduce(-0.5 * (points**2 + LOG_2PI) + math.log(h)))
+
+
 def grid_points(
     K: int, points_per_dim: int, half_width: float, center: tuple[float, ...] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Midpoints z_g (G, K) of a regular grid over center + [-L, L]^K (the last coordinate fastest) and
-    log w_g = log p(z_g) + K log h: the midpoint rule for the integral of p(x|z) p(z) dz (see
-    vae_cli.maths.densities.quadrature_grid, the one convention of every quadrature)."""
+    log w_g = log p(z_g) + K log h - log Z, with Z the midpoint rule's sum of p over the whole lattice of
+    that spacing: the prior as the lattice's distribution, which sums to 1 however coarse the grid (so a
+    Jensen bound on it is an expectation), and the midpoint rule for the integral of p(x|z) p(z) dz over
+    the grid's box, wherever the box lies (see vae_cli.maths.densities.quadrature_grid)."""
     axes = [grid_axis(points_per_dim, half_width, c) for c in (center or (0.0,) * K)]
     z = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, K)
-    log_w = -0.5 * (z**2 + LOG_2PI).sum(-1) + K * math.log(2 * half_width / points_per_dim)
+    log_z = sum(lattice_log_normalizer(axis) for axis in axes)
+    log_w = -0.5 * (z**2 + LOG_2PI).sum(-1) + K * math.log(2 * half_width / points_per_dim) - log_z
     return z, log_w
