@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import compose_config
 
-from tests.helpers import compose_config
 from vae_cli.errors import ConfigError
 from vae_cli.maths.likelihoods import likelihood_spec
 from vae_cli.maths.models import build_model
