@@ -324,6 +324,8 @@ def save_gradient_snr(entry: dict, path: Path, label: str) -> None:
         if first is not None:
             ax.plot(counts, first * (counts / counts[0]) ** entry["theory"][side], "k--", lw=1,
                     label=f"theory, slope {entry['theory'][side]:+.1f}")  # fmt: skip
+        if "noise_floor" in entry:
+            ax.axhline(entry["noise_floor"], color="grey", ls=":", lw=1, label="noise floor of the replicates")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("n_samples")

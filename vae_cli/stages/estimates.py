@@ -533,6 +533,8 @@ def run_gradient_snr(
         "n_images": len(x),
         "images": "the first training images",
         "snr": "median over parameters of |mean| / sd of R replicate gradients (q1, q3: quartiles)",
+        # a parameter with no signal still shows |mean| / sd of about this (the median of |N(0, 1)| / sqrt(R))
+        "noise_floor": 0.6745 / math.sqrt(cfg_eval.gradient_snr_replicates),
         "theory": {"encoder": -0.5, "decoder": 0.5},  # Rainforth et al. 2018, Theorem 1, standard IWAE gradient
         "estimators": estimators,
         "seconds": time.perf_counter() - start,
@@ -544,7 +546,8 @@ def describe_gradient_snr(entry: dict[str, Any]) -> list[str]:
     counts = entry["counts"]
     lines = [
         f"gradient SNR of {entry['objective']} ({entry['replicates']} estimates on {entry['n_images']} training "
-        f"images; median over parameters; {entry['seconds']:.1f} s), by n_samples:",
+        f"images; median over parameters; noise floor {entry.get('noise_floor', 0):.3g}; {entry['seconds']:.1f} s), "
+        "by n_samples:",
         f"{'':<18}" + "".join(f"{n:>9}" for n in counts) + "   slope (theory: encoder -1/2, decoder +1/2)",
     ]
     for gradient, measured in entry["estimators"].items():
