@@ -56,7 +56,7 @@ CASES = [
     (["++model.foo=1"], "model.foo", "1", "hidden"),
     (["n_sample=8"], "n_sample=8", "did you mean n_samples?", "unknown key"),
     (["model.hiden=128"], "model.hiden", "did you mean model.hidden", "depth"),
-    (["objectiv=elbo"], "objectiv", "did you mean objective?", "unknown key"),
+    (["objectiv=elbo"], "objectiv", "did you mean objective", "unknown key"),
     (["objective=elbos"], "elbos", "did you mean elbo?", "jensen"),
     (["+K=3"], "+K=3", "drop the +", ""),
     (["objective=elbo", "objective.shared_samples=true"], "objective.shared_samples", "jensen and prior_iwae", ""),

@@ -13,6 +13,7 @@ from PIL import Image
 from vae_cli.commands.callbacks import sweep_job_overrides
 from vae_cli.run.config import validate
 from vae_cli.stages.drawing import MANIFOLD_GRID, grid_pixels
+from vae_cli.stages.pipeline import train
 
 TINY_NO_SAMPLES = [o for o in TINY if not o.startswith("n_samples=")]
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread each is faster than fighting over the cores
@@ -28,12 +29,34 @@ def job_overrides(overrides: list[str]) -> list[list[str]]:
         GlobalHydra.instance().clear()
 
 
-@pytest.mark.parametrize("preset, n_jobs", [("n_samples", 8), ("objectives", 4), ("K", 12)])
+@pytest.mark.parametrize("preset, n_jobs", [("n_samples", 8), ("objectives", 4), ("K", 12), ("gradients", 12)])
 def test_presets_expand_to_jobs_that_validate(preset, n_jobs):
     jobs = job_overrides([f"+sweep={preset}", "data=synthetic"])
     assert len(jobs) == n_jobs
     assert len({tuple(sorted(j)) for j in jobs}) == n_jobs
     validate(compose_config(jobs[-1]))
+
+
+def test_the_gradients_preset_pairs_each_objective_with_its_estimators_and_trains_two_steps(tmp_path):
+    jobs = job_overrides(["+sweep=gradients", "data=synthetic"])
+    pairs = set()
+    for job in jobs:
+        cfg = compose_config(job)
+        validate(cfg)
+        pairs.add((cfg.objective.name, cfg.objective.gradient, cfg.n_samples))
+        assert cfg.eval.gradient_snr
+    assert {(o, g) for o, g, _ in pairs} == {
+        ("iwae", "standard"),
+        ("iwae", "dreg"),
+        ("elbo", "standard"),
+        ("elbo", "stl"),
+    }
+    assert {n for _, _, n in pairs} == {1, 8, 64}
+    smoke = ["n_train_iters=2", "eval.enabled=false", "model.hidden=16"]
+    summary = train(
+        compose_config([*next(j for j in jobs if "+estimator=iwae_dreg" in j), *smoke]), run_dir=tmp_path / "r"
+    )
+    assert summary["status"] == "completed"
 
 
 def test_the_command_line_replaces_a_presets_values():

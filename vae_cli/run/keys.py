@@ -200,6 +200,12 @@ class EvalConfig:
         None, f"BDMC: images simulated from the model; null = {BDMC_N_IMAGES.text()}; 0 = none", at_least(0)
     )
     seed: int = key(0, "seed of every evaluation draw", below(2**31, "2^31"))
+    gradient_snr: bool = key(
+        False, "the gradients' signal-to-noise per sample count, encoder and decoder, each estimator (gradient_snr.png)"
+    )
+    gradient_snr_max_count: int = key(256, "gradient SNR: sample counts 1, 4, 16, ... up to this", at_least(1))
+    gradient_snr_replicates: int = key(100, "gradient SNR: gradient estimates per sample count", at_least(2))
+    gradient_snr_images: int = key(16, "gradient SNR: the fixed batch, the first N training images", at_least(1))
 
 
 # The eval.* values that put every test image through every estimator (vae-eval --full, Run.log_px).

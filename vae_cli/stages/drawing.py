@@ -297,3 +297,40 @@ def save_encoded(model: LatentVariableModel, x: torch.Tensor, labels: torch.Tens
         f"encoded test set: means of q(z|x) for {len(mu):,} images (dashed: 2 sd of p(z))\n{label}", fontsize=8
     )
     save_figure(fig, path)
+
+
+def save_gradient_snr(entry: dict, path: Path, label: str) -> None:
+    """gradient_snr.png: the median SNR against the sample count, log-log, encoder and decoder side by side,
+    one line per gradient estimator with its quartiles as a band, and the theory's slopes (+1/2 decoder,
+    -1/2 encoder, Rainforth et al. 2018) as dashed guides through each side's first point."""
+    sides = [s for s in ("encoder", "decoder") if any(s in m["slope"] for m in entry["estimators"].values())]
+    fig, axes = subplots(1, len(sides), figsize=(4.8 * len(sides), 4), squeeze=False)
+    counts = np.array(entry["counts"], dtype=float)
+    for ax, side in zip(axes[0], sides):
+        first = None
+        for gradient, measured in entry["estimators"].items():
+            rows = [measured["by_count"][str(n)][side] for n in entry["counts"]]
+            keep = np.array([r["median"] is not None and r["median"] > 0 for r in rows])
+            if not keep.any():
+                continue
+            median = np.array([r["median"] if k else np.nan for r, k in zip(rows, keep)], dtype=float)
+            q1 = np.array([r["q1"] if k else np.nan for r, k in zip(rows, keep)], dtype=float)
+            q3 = np.array([r["q3"] if k else np.nan for r, k in zip(rows, keep)], dtype=float)
+            slope = measured["slope"][side]["slope"]
+            text = f"{gradient} (slope {slope:+.2f})" if slope is not None else gradient
+            (line,) = ax.plot(counts, median, "o-", label=text)
+            ax.fill_between(counts, np.maximum(q1, 1e-12), q3, color=line.get_color(), alpha=0.15)
+            first = first if first is not None else median[keep][0]
+        if first is not None:
+            ax.plot(counts, first * (counts / counts[0]) ** entry["theory"][side], "k--", lw=1,
+                    label=f"theory, slope {entry['theory'][side]:+.1f}")  # fmt: skip
+        if "noise_floor" in entry:
+            ax.axhline(entry["noise_floor"], color="grey", ls=":", lw=1, label="noise floor of the replicates")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("n_samples")
+        ax.set_ylabel("median SNR |mean| / sd")
+        ax.set_title(f"{side}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{label}: gradient signal-to-noise, {entry['objective']}", fontsize=10)
+    save_figure(fig, path)

@@ -28,8 +28,10 @@ from vae_cli.maths.ais import (
 )
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import encoder_statistics, importance_sums, weighted_sums
+from vae_cli.maths.gradient_snr import snr_by_sample_count
 from vae_cli.maths.linear_gaussian import CHUNK_ROWS, LinearGaussian
 from vae_cli.maths.models import LatentVariableModel
+from vae_cli.maths.objectives import OBJECTIVES
 from vae_cli.maths.spec import FLOAT_BYTES, N_PIXELS, QUADRATURE_MAX_K, ModelSpec
 from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES
 from vae_cli.run.machine import available_bytes, has_native_bf16
@@ -527,3 +529,88 @@ def check_memory(parts: list[tuple[str, int]], device: torch.device, values: Cal
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**27 else f"{n / 2**20:.0f} MiB"
+
+
+# --- gradient signal-to-noise (eval.gradient_snr): not an estimate of log p(x), a measure of training's gradients
+
+
+def gradient_snr_counts(cfg_eval: Any) -> list[int]:
+    """The sample counts 1, 4, 16, ... up to eval.gradient_snr_max_count."""
+    counts = [1]
+    while counts[-1] * 4 <= cfg_eval.gradient_snr_max_count:
+        counts.append(counts[-1] * 4)
+    return counts
+
+
+def gradient_snr_applies(objective: str) -> bool:
+    return OBJECTIVES[objective].name != "exact"  # its gradient has no draws: no noise to measure
+
+
+def _parameters(sizes: list[int]) -> int:
+    return sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def memory_gradient_snr(spec: ModelSpec, cfg_eval: Any) -> list[tuple[str, int]]:
+    """One replicate's forward and backward at the largest count (every layer's activations of every
+    latent, three copies), and the running sums of the gradient and its square (float64)."""
+    decoder = [spec.K] + [spec.hidden] * spec.depth + [N_PIXELS]
+    encoder = [N_PIXELS] + [spec.encoder_hidden] * spec.encoder_depth + [2 * spec.K] if spec.encoder else [0]
+    latents = cfg_eval.gradient_snr_images * gradient_snr_counts(cfg_eval)[-1]
+    parameters = _parameters(decoder) + _parameters(encoder) + N_PIXELS  # a learned sigma per pixel at most
+    return [
+        ("eval.gradient_snr_max_count, eval.gradient_snr_images", 3 * latents * sum(decoder) * FLOAT_BYTES),
+        ("", 2 * parameters * 2 * FLOAT_BYTES),
+    ]
+
+
+def run_gradient_snr(
+    model: LatentVariableModel, x: torch.Tensor, cfg_eval: Any, objective: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The SNR of the gradient of the run's objective, for each estimator it allows and each sample count,
+    on the fixed batch x (vae_cli.maths.gradient_snr); the model is left as it was."""
+    unit = OBJECTIVES[objective]
+    counts = gradient_snr_counts(cfg_eval)
+    start = time.perf_counter()
+    estimators = {}
+    with torch.enable_grad():
+        for gradient in unit.gradients:
+            chosen = {**options, "gradient": gradient} if "gradient" in options else options
+            measured = snr_by_sample_count(
+                model, unit.fn, x, counts, cfg_eval.gradient_snr_replicates, chosen, cfg_eval.seed
+            )
+            estimators[gradient] = {**measured, "by_count": {str(n): v for n, v in measured["by_count"].items()}}
+    model.zero_grad(set_to_none=True)
+    return {
+        "objective": objective,
+        "trained_with": options.get("gradient", "standard"),
+        "counts": counts,
+        "replicates": cfg_eval.gradient_snr_replicates,
+        "n_images": len(x),
+        "images": "the first training images",
+        "snr": "median over parameters of |mean| / sd of R replicate gradients (q1, q3: quartiles)",
+        # a parameter with no signal still shows |mean| / sd of about this (the median of |N(0, 1)| / sqrt(R))
+        "noise_floor": 0.6745 / math.sqrt(cfg_eval.gradient_snr_replicates),
+        "theory": {"encoder": -0.5, "decoder": 0.5},  # Rainforth et al. 2018, Theorem 1, standard IWAE gradient
+        "estimators": estimators,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def describe_gradient_snr(entry: dict[str, Any]) -> list[str]:
+    """vae-eval's lines: the median SNR per sample count, encoder and decoder, each estimator, and the slopes."""
+    counts = entry["counts"]
+    lines = [
+        f"gradient SNR of {entry['objective']} ({entry['replicates']} estimates on {entry['n_images']} training "
+        f"images; median over parameters; noise floor {entry.get('noise_floor', 0):.3g}; {entry['seconds']:.1f} s), "
+        "by n_samples:",
+        f"{'':<18}" + "".join(f"{n:>9}" for n in counts) + "   slope (theory: encoder -1/2, decoder +1/2)",
+    ]
+    for gradient, measured in entry["estimators"].items():
+        for side, slope in measured["slope"].items():
+            values = [measured["by_count"][str(n)][side]["median"] for n in counts]
+            cells = "".join(f"{v:9.3g}" if v is not None else f"{'-':>9}" for v in values)
+            fit = "-" if slope["slope"] is None else f"{slope['slope']:+.3f}"
+            if slope.get("stderr") is not None:
+                fit += f" +- {slope['stderr']:.3f}"
+            lines.append(f"{gradient + ' ' + side:<18}{cells}   {fit}")
+    return lines

@@ -38,13 +38,14 @@ from vae_cli.maths.linear_gaussian import LinearGaussian
 from vae_cli.maths.models import LatentVariableModel
 from vae_cli.maths.spec import N_PIXELS, QUADRATURE_MAX_K, ModelSpec
 from vae_cli.run.checkpoint import load_model
-from vae_cli.run.config import data_config, eval_config, missing_logger_package, model_spec
+from vae_cli.run.config import data_config, eval_config, missing_logger_package, model_spec, objective_options
 from vae_cli.run.data import LEVELS, Images, load_images, load_images_here
 from vae_cli.run.datafiles import split_sizes
 from vae_cli.run.files import check_writable
 from vae_cli.run.keys import GREY_LEVELS, EvalConfig
 from vae_cli.run.machine import resolve_device, set_process_speed_settings
 from vae_cli.run.rundir import CHECKPOINT, EVAL, RunLock, read_run, write_evaluation
+from vae_cli.stages.drawing import save_gradient_snr
 from vae_cli.stages.estimates import (
     BOUND_SOURCES,
     ESTIMATORS,
@@ -54,11 +55,15 @@ from vae_cli.stages.estimates import (
     RunResult,
     Stopwatch,
     check_memory,
+    describe_gradient_snr,
     float32_matmuls,
+    gradient_snr_applies,
     mean_stderr,
+    memory_gradient_snr,
     memory_parts,
     paired_difference,
     plan,
+    run_gradient_snr,
 )
 from vae_cli.stages.tracking import open_tracker
 
@@ -230,6 +235,22 @@ def per_image_lists(per_image: PerImage) -> dict[str, list[float]]:
     return {name: values.double().cpu().tolist() for name, values in per_image.items()}
 
 
+# --- gradient signal-to-noise (eval.gradient_snr) --------------------------------------------------
+
+GRADIENT_SNR_FIGURE = "gradient_snr.png"
+
+
+def gradient_snr(model: LatentVariableModel, images: Images, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """{"gradient_snr": entry} for eval.json where eval.gradient_snr asks for it and the objective has
+    gradient noise to measure (exact has none), and gradient_snr.png in the run directory; else {}."""
+    if not cfg.eval.gradient_snr or not gradient_snr_applies(cfg.objective.name):
+        return {}
+    x = images.train[: cfg.eval.gradient_snr_images].to(next(model.parameters()).device)
+    entry = run_gradient_snr(model, x, cfg.eval, cfg.objective.name, objective_options(cfg))
+    save_gradient_snr(entry, Path(run_dir) / GRADIENT_SNR_FIGURE, Path(run_dir).name)
+    return {"gradient_snr": entry}
+
+
 # --- the table vae-eval prints ----------------------------------------------------------------------
 
 
@@ -289,6 +310,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"reused from {EVAL} (same checkpoint and settings): {', '.join(result['reused'])}; --recompute runs them again"
         )
+    if "gradient_snr" in result:
+        lines += describe_gradient_snr(result["gradient_snr"])
     if result.get("posterior_means_near_grid_edge"):
         lines.append(
             f"warning: {result['posterior_means_near_grid_edge']} images have E_q[z] near the grid's edge: "
@@ -345,6 +368,8 @@ def evaluate_run(
         parts = memory_parts(
             spec, cfg.eval, torch_device, cfg.eval.n_images or split_sizes(cfg.data)["test"], ais_everywhere=True
         )
+        if cfg.eval.gradient_snr and gradient_snr_applies(cfg.objective.name):
+            parts += memory_gradient_snr(spec, cfg.eval)
         check_memory(parts, torch_device, lambda k: OmegaConf.select(cfg, k))
         digest = checkpoint_digest(run_dir)
         previous = None
@@ -360,6 +385,7 @@ def evaluate_run(
         model = model.to(torch_device)
         result, per_image = evaluate(model, spec, images, cfg.eval, previous, ais_everywhere=True, report=report)
         result = {**of_run(result, run_dir, cfg, images, step, digest), "process_settings": settings}
+        result.update(gradient_snr(model, images, cfg, run_dir))
         if not lock.held:
             result["lock"] = f"none ({lock.reason})"
         summary = write_evaluation(run_dir, result, per_image_lists(per_image), files.summary)

@@ -183,6 +183,7 @@ def run_stages(claim: Claim, run_dir: Path, place: training.Place | None = None)
             result, per_image = evaluation.evaluate(model, start.spec, images, cfg.eval)
             digest = evaluation.checkpoint_digest(run_dir)
             result = evaluation.of_run(result, run_dir, cfg, images, cfg.n_train_iters, digest)
+            result.update(evaluation.gradient_snr(model, images, cfg, run_dir))
             summary = write_evaluation(
                 run_dir, result, evaluation.per_image_lists(per_image), {**summary, "status": "completed"}
             )
@@ -256,6 +257,8 @@ def check_run_memory(cfg: DictConfig, spec: ModelSpec, device: torch.device) -> 
     if cfg.eval.enabled:
         n_test = cfg.eval.n_images or split_sizes(cfg.data)["test"]
         parts += estimates.memory_parts(spec, cfg.eval, device, n_test)
+        if cfg.eval.gradient_snr and estimates.gradient_snr_applies(cfg.objective.name):
+            parts += estimates.memory_gradient_snr(spec, cfg.eval)
     estimates.check_memory(parts, device, lambda key: OmegaConf.select(cfg, key))
 
 

@@ -37,6 +37,7 @@ class Objective:
     uses_encoder: bool = False  # an encoder q(z|x) proposes z
     rules: tuple[Callable[[Any], str | None], ...] = ()  # (the run's config) -> a one-line refusal, or None
     decodes_shared: Callable[[Any], bool] = lambda node: False  # the decoder runs once for the whole batch
+    gradients: tuple[str, ...] = ("standard",)  # the gradient estimators it allows (objective.gradient)
 
     def __call__(self, model: Any, x: Any, n_samples: int, **options: Any) -> Loss:
         return self.fn(model, x, n_samples, **options)
