@@ -27,9 +27,16 @@ from vae_cli.maths.ais import (
     max_step_size,
 )
 from vae_cli.maths.densities import quadrature_grid
-from vae_cli.maths.estimators import encoder_statistics, importance_sums, weighted_sums
+from vae_cli.maths.estimators import (
+    WeightDiagnostics,
+    diagnosed_importance_sums,
+    diagnosed_weighted_sums,
+    encoder_statistics,
+    weighted_sums,
+)
 from vae_cli.maths.linear_gaussian import CHUNK_ROWS, LinearGaussian
 from vae_cli.maths.models import LatentVariableModel
+from vae_cli.maths.psis import KHAT_THRESHOLD
 from vae_cli.maths.spec import FLOAT_BYTES, N_PIXELS, QUADRATURE_MAX_K, ModelSpec
 from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES
 from vae_cli.run.machine import available_bytes, has_native_bf16
@@ -175,12 +182,12 @@ def _plan_quadrature(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: in
 def _plan_importance(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
     k, n = importance_sizes(cfg_eval, device, n)
     settings = {"k": k, "iwae_k": min(cfg_eval.iwae_k, k), "proposal": "q(z|x)", "seed": cfg_eval.seed}
-    return Planned("importance", n, {**settings, "n_images": n})
+    return Planned("importance", n, {**settings, "diagnostics": PSIS_DIAGNOSTICS, "n_images": n})
 
 
 def _plan_prior_mc(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
     settings = {"n_samples": cfg_eval.prior_mc_samples, "shared": True, "seed": cfg_eval.seed}
-    return Planned("prior_mc", n, {**settings, "n_images": n})
+    return Planned("prior_mc", n, {**settings, "diagnostics": PSIS_DIAGNOSTICS, "n_images": n})
 
 
 def _plan_ais(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
@@ -207,6 +214,60 @@ def _plan_closed_form(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: i
     per_pixel = spec.likelihood.option("per_pixel", False)
     kind = "factor analysis (sigma per pixel)" if per_pixel else "probabilistic PCA (shared sigma)"
     return Planned("closed_form", n, {"model": kind, "n_images": n})
+
+
+# --- how far importance weights can be trusted (importance, prior_mc) ----------------------------------
+
+PSIS_DIAGNOSTICS = "PSIS k-hat and ESS per image (Vehtari et al. 2024)"
+LOW_BY = 1.0  # an estimate this many nats below log_px missed the posterior
+
+
+def psis_values(name: str, diagnostics: WeightDiagnostics) -> dict[str, torch.Tensor]:
+    """eval_images.csv's columns of an estimator's diagnostics: "<name>.khat", "<name>.ess"."""
+    return {f"{name}.khat": diagnostics.khat, f"{name}.ess": diagnostics.ess}
+
+
+def psis_summary(diagnostics: WeightDiagnostics) -> dict[str, Any]:
+    """The share of images whose k-hat flags their weights, and the ESS, over the estimator's images."""
+    flagged = diagnostics.khat > KHAT_THRESHOLD
+    return {
+        "khat_threshold": KHAT_THRESHOLD,
+        "flagged": int(flagged.sum()),
+        "flagged_share": float(flagged.double().mean()),
+        "khat_max": float(diagnostics.khat.nan_to_num(nan=-math.inf).max()),
+        "ess": mean_stderr(diagnostics.ess),
+    }
+
+
+def psis_against(per_image: PerImage, name: str, log_px: torch.Tensor) -> dict[str, Any]:
+    """The flag checked against log_px on the same images: the flagged images' mean distance to it,
+    and as a detector of estimates over LOW_BY nats below it, the flag's precision and recall."""
+    n = min(len(per_image[name]), len(log_px))
+    error = (per_image[name][:n] - log_px[:n]).double()
+    flagged, low = per_image[f"{name}.khat"][:n] > KHAT_THRESHOLD, error < -LOW_BY
+    hits = int((flagged & low).sum())
+    return {
+        "flagged_minus_log_px": mean_stderr(error[flagged]) if bool(flagged.any()) else None,
+        "low_by": LOW_BY,
+        "low": int(low.sum()),
+        "precision": hits / int(flagged.sum()) if bool(flagged.any()) else None,
+        "recall": hits / int(low.sum()) if bool(low.any()) else None,
+    }
+
+
+def _describe_psis(entry: dict[str, Any]) -> str:
+    psis = entry.get("psis")
+    if psis is None:  # older eval.json
+        return ""
+    text = f"; k-hat > {psis['khat_threshold']:g} on {100 * psis['flagged_share']:.1f}% ({psis['flagged']})"
+    against = psis.get("vs_log_px")
+    if against and against["flagged_minus_log_px"] is not None:
+        text += f", those {against['flagged_minus_log_px']['value']:+.2f} vs *"
+    text += f", ESS {psis['ess']['value']:.0f}"
+    if against and against["low"]:
+        precision = "-" if against["precision"] is None else f"{against['precision']:.2f}"
+        text += f"; the flag finds {against['recall']:.2f} of the {against['low']} images over {against['low_by']:g} nat low, precision {precision}"
+    return text
 
 
 # --- running each estimator -----------------------------------------------------------------------
@@ -244,8 +305,8 @@ def run_importance(
     first eval.importance_n_images images (per-image draws cost k decoder passes an image)."""
     s = planned.settings
     k, iwae_k, n = s["k"], s["iwae_k"], planned.n_images
-    imp = importance_sums(model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size)
-    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s}
+    imp, diagnostics = diagnosed_importance_sums(model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size)
+    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s, "psis": psis_summary(diagnostics)}
     bounds = {
         "elbo": {**mean_stderr(imp.elbo), "n_images": n, "method": f"{k} draws from q(z|x), closed-form KL"},
         "iwae_k": {
@@ -256,17 +317,24 @@ def run_importance(
         },
     }
     values = {"importance": imp.log_px, "importance.elbo": imp.elbo, "importance.iwae_k": imp.iwae}
-    return entry, values, bounds
+    return entry, {**values, **psis_values("importance", diagnostics)}, bounds
 
 
 def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
     """The log-mean-exp of p(x|z_s) over prior draws shared by every image, and the Jensen bound from them."""
     S = planned.settings["n_samples"]
     z = streams.normal(streams.stream(cfg_eval.seed, "prior_mc"), (S, model.K), x.device)
-    mc = weighted_sums(model, x, z, torch.full((S,), -math.log(S), device=x.device), cfg_eval.batch_size)
-    entry = {**mean_stderr(mc.log_px), "seconds": lap(), "settings": planned.settings}
+    log_w = torch.full((S,), -math.log(S), device=x.device)
+    mc, diagnostics = diagnosed_weighted_sums(model, x, z, log_w, cfg_eval.batch_size)
+    entry = {
+        **mean_stderr(mc.log_px),
+        "seconds": lap(),
+        "settings": planned.settings,
+        "psis": psis_summary(diagnostics),
+    }
     jensen = {**mean_stderr(mc.jensen), "method": f"mean over {S} shared prior draws"}
-    return entry, {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen}, {"jensen": jensen}
+    values = {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen, **psis_values("prior_mc", diagnostics)}
+    return entry, values, {"jensen": jensen}
 
 
 def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
@@ -351,7 +419,7 @@ def _describe_closed_form(entry: dict[str, Any], K: int) -> str:
 
 
 def _describe_importance(entry: dict[str, Any], K: int) -> str:
-    return f"k={entry['settings']['k']} draws from q(z|x)" + _vs_log_px(entry)
+    return f"k={entry['settings']['k']} draws from q(z|x)" + _vs_log_px(entry) + _describe_psis(entry)
 
 
 def _describe_ais(entry: dict[str, Any], K: int) -> str:
@@ -369,7 +437,11 @@ def _describe_ais(entry: dict[str, Any], K: int) -> str:
 
 
 def _describe_prior_mc(entry: dict[str, Any], K: int) -> str:
-    return f"S={entry['settings']['n_samples']} prior draws shared by all images" + _vs_log_px(entry)
+    return (
+        f"S={entry['settings']['n_samples']} prior draws shared by all images"
+        + _vs_log_px(entry)
+        + _describe_psis(entry)
+    )
 
 
 def _memory_quadrature(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:

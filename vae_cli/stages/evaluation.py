@@ -58,6 +58,7 @@ from vae_cli.stages.estimates import (
     memory_parts,
     paired_difference,
     plan,
+    psis_against,
 )
 from vae_cli.stages.tracking import open_tracker
 
@@ -135,6 +136,8 @@ def evaluate(
     for name, entry in estimates.items():  # each estimator's distance to log_px, paired per image
         if name != estimator:
             entry["minus_log_px"] = paired_difference(per_image[name], log_px)
+            if "psis" in entry:
+                entry["psis"]["vs_log_px"] = psis_against(per_image, name, log_px)
 
     result: dict[str, Any] = {
         "log_px": estimates[estimator]["value"],
