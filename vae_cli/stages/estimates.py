@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vae_cli.errors import ConfigError
-from vae_cli.maths import streams
+from vae_cli.maths import qstar, streams
 from vae_cli.maths.ais import (
     PILOT_CHAINS,
     SIGMOID_SCALE,
@@ -29,16 +29,18 @@ from vae_cli.maths.ais import (
 from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import (
     WeightDiagnostics,
+    default_chunk_elements,
     diagnosed_importance_sums,
     diagnosed_weighted_sums,
     encoder_statistics,
+    importance_noise,
     weighted_sums,
 )
 from vae_cli.maths.linear_gaussian import CHUNK_ROWS, LinearGaussian
 from vae_cli.maths.models import LatentVariableModel
 from vae_cli.maths.psis import KHAT_THRESHOLD
 from vae_cli.maths.spec import FLOAT_BYTES, N_PIXELS, QUADRATURE_MAX_K, ModelSpec
-from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES
+from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES, QSTAR_N_IMAGES
 from vae_cli.run.machine import available_bytes, has_native_bf16
 
 # AIS decodes this many times eval.batch_size latents a pass: on the 2-core CPU its bf16 passes of
@@ -208,6 +210,29 @@ def _plan_ais(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> P
         "bdmc_n_images": n_simulated,
     }
     return Planned("ais", n, described)
+
+
+def _plan_qstar(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
+    n = _subset(_per_device(cfg_eval.qstar_n_images, QSTAR_N_IMAGES, device), n)
+    settings = {
+        "optimizer": "the mode (Adam), its Laplace variances, then natural-gradient ascent of the ELBO",
+        "steps": qstar.STEPS,
+        "samples": qstar.SAMPLES,
+        "antithetic": True,
+        "lr": qstar.LR,
+        "averaged": f"the last {qstar.AVERAGED:.0%} of the iterates",
+        "start": "q(z|x)" if spec.encoder else f"{qstar.INIT_DRAWS} prior draws weighted by p(x|z)",
+        # the ELBO of q*: as the evaluation's ELBO of q(z|x), and from the importance estimator's draws
+        "elbo": "closed form" if spec.closed_form else "E_q log p(x|z) from the importance draws, closed-form KL",
+        "elbo_draws": None if spec.closed_form else importance_sizes(cfg_eval, device, n)[0],
+        "seed": cfg_eval.seed,
+    }
+    return Planned("qstar", n, {**settings, "n_images": n})
+
+
+def qstar_batch_images(cfg_eval: Any) -> int:
+    """Images per pass of the q* optimizer: 4 x eval.batch_size latents, qstar.SAMPLES a piece."""
+    return max(1, 4 * cfg_eval.batch_size // qstar.SAMPLES)
 
 
 def _plan_closed_form(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
@@ -380,6 +405,74 @@ def run_closed_form(
     return entry, values, bounds
 
 
+def run_qstar(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
+    """The ELBO of q*(z|x), each image's best diagonal Gaussian (vae_cli.maths.qstar), on the first
+    eval.qstar_n_images images: from the encoder's q(z|x) (from prior draws without an encoder),
+    and for a linear-Gaussian model also in closed form, which is then its value (the optimizer's
+    distance to it is recorded). evaluation.evaluate splits gap_elbo with it."""
+    n, seed = planned.n_images, cfg_eval.seed
+    k = importance_sizes(cfg_eval, x.device, n)[0]
+    lg = model.linear_gaussian()
+    fitted, estimated = [], []
+    for first in range(0, n, qstar_batch_images(cfg_eval)):
+        xb = x[first : min(n, first + qstar_batch_images(cfg_eval))]
+        start = model.encode(xb) if model.encoder is not None else qstar.prior_start(model, xb, seed, first)
+        fit = qstar.optimize(model, xb, *start, seed, first)
+        fitted.append(fit)
+        if lg is None:  # the same draws as the importance estimator's ELBO of q(z|x): their difference is paired
+            eps = importance_noise(len(xb), k, model.K, seed, first, x.device, fit.mean.dtype)
+            chunk = max(1, default_chunk_elements(x.device) // (len(xb) * N_PIXELS))
+            estimated.append(qstar.elbo_from_draws(model, xb, fit.mean, fit.logvar, eps, chunk))
+    mean, logvar = torch.cat([f.mean for f in fitted]), torch.cat([f.logvar for f in fitted])
+    change = torch.cat([f.change for f in fitted])
+    values = {"qstar.change": change}
+    entry: dict[str, Any] = {}
+    if lg is None:
+        values["qstar"] = torch.cat(estimated)
+    else:
+        values["qstar"] = lg.elbo(x[:n], *qstar.closed_form(lg, x[:n]))
+        values["qstar.optimized"] = lg.elbo(x[:n], mean, logvar)
+        deficit = values["qstar"] - values["qstar.optimized"]
+        entry["optimizer_vs_closed_form"] = {**mean_stderr(deficit), "max": float(deficit.max())}
+    entry.update(mean_stderr(values["qstar"]), seconds=lap(), settings=planned.settings)
+    entry["convergence"] = {
+        "change": mean_stderr(change),
+        "max_abs_change": float(change.abs().max()),
+        "what": f"per image, the mean ELBO of the last {qstar.WINDOW:.0%} of the steps minus that of the "
+        f"{qstar.WINDOW:.0%} before, each from {qstar.SAMPLES} draws a step (their noise included)",
+    }
+    return entry, values, {}
+
+
+def gap_decomposition(per_image: PerImage, log_px: torch.Tensor, elbo_from: str | None) -> dict[str, Any]:
+    """gap_elbo = gap_approximation + gap_amortization on the images q* was fitted on (Cremer et al. 2018):
+    log p(x) - ELBO(q*) and ELBO(q*) - ELBO(q), each a mean of per-image differences with its stderr.
+    The two sum to gap_elbo on the same images exactly (the same per-image log p(x) and ELBO(q)); where
+    the optimizer falls short of q*, the approximation gap is too large and the amortization gap too
+    small by as much. elbo_from: the estimator of the evaluation's ELBO of q(z|x) (None: no encoder)."""
+    elbo_qstar = per_image["qstar"]
+    out: dict[str, Any] = {}
+    if elbo_from is None:
+        gap = paired_difference(log_px, elbo_qstar)
+        out["gap_amortization"] = out["gap_amortization_stderr"] = out["gap_amortization_n_images"] = None
+        out["gap_amortization_note"] = (
+            "not defined: the model has no encoder q(z|x) (objective jensen, prior_iwae, exact)"
+        )
+    else:
+        elbo_q = per_image[f"{elbo_from}.elbo"]
+        n = min(len(elbo_qstar), len(elbo_q), len(log_px))
+        gap = paired_difference(log_px[:n], elbo_qstar[:n])
+        amortization = paired_difference(elbo_qstar[:n], elbo_q[:n])
+        out["gap_amortization"], out["gap_amortization_stderr"] = amortization["value"], amortization["stderr"]
+        out["gap_amortization_n_images"] = n
+        # the encoder beating its own q* by more than float noise: the optimizer did not converge there
+        out["gap_amortization_negative_images"] = int((elbo_qstar[:n] - elbo_q[:n] < -1e-3).sum())
+        out["gap_elbo_same_images"] = paired_difference(log_px[:n], elbo_q[:n])["value"]
+    out["gap_approximation"], out["gap_approximation_stderr"] = gap["value"], gap["stderr"]
+    out["gap_approximation_n_images"] = gap["n_images"]
+    return out
+
+
 @dataclass(frozen=True)
 class Estimator:
     applies: Callable[[ModelSpec], bool]  # to a model of this spec at all
@@ -465,6 +558,24 @@ def _memory_ais(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[
     return [("eval.ais_steps, eval.batch_size", cfg_eval.ais_steps * latents * (spec.K + 1) * FLOAT_BYTES)]
 
 
+def _describe_qstar(entry: dict[str, Any], K: int) -> str:
+    s = entry["settings"]
+    text = (
+        f"ELBO of q*, each image's best diagonal Gaussian: {s['steps']} steps x {s['samples']} draws from {s['start']}"
+    )
+    if "optimizer_vs_closed_form" in entry:
+        text += f" (closed form; the optimizer within {entry['optimizer_vs_closed_form']['max']:.4f} nats of it)"
+    return text + _vs_log_px(entry)
+
+
+def _memory_qstar(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
+    # the graph of a pass of latents through the decoder, kept for the gradient; its ELBO's draws
+    latents = qstar_batch_images(cfg_eval) * qstar.SAMPLES
+    graph = latents * (spec.hidden * spec.depth + 2 * N_PIXELS) * 3 * FLOAT_BYTES
+    draws = qstar_batch_images(cfg_eval) * (planned.settings["elbo_draws"] or 0) * spec.K * FLOAT_BYTES
+    return [("eval.batch_size", graph + draws)]
+
+
 def _memory_closed_form(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
     # float64 chunks of images, and their residuals
     return [("eval.n_images", 2 * min(planned.n_images, CHUNK_ROWS) * N_PIXELS * 2 * FLOAT_BYTES)]
@@ -510,6 +621,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "prior_mc": Estimator(
         _always, _plan_prior_mc, run_prior_mc, _memory_prior_mc, _describe_prior_mc, rank=4, bounds=("jensen",)
     ),
+    "qstar": Estimator(_always, _plan_qstar, run_qstar, _memory_qstar, _describe_qstar, rank=5),
 }
 # Where each bound comes from, the most exact producer first.
 BOUND_SOURCES: dict[str, tuple[str, ...]] = {
