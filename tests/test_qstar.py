@@ -59,8 +59,9 @@ def test_each_image_gets_the_same_q_star_in_any_batch():
         mean, logvar = model.encode(x)
     together = qstar.optimize(model, x, mean, logvar, seed=1, first=0, steps=20)
     alone = qstar.optimize(model, x[2:], mean[2:], logvar[2:], seed=1, first=2, steps=20)
-    torch.testing.assert_close(together.mean[2:], alone.mean)
-    torch.testing.assert_close(together.logvar[2:], alone.logvar)
+    # the same draws and steps; float32 matrix products of another batch size round differently
+    torch.testing.assert_close(together.mean[2:], alone.mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(together.logvar[2:], alone.logvar, rtol=1e-4, atol=1e-4)
 
 
 CHEAP = dict(quadrature_points=1024, importance_k=128, iwae_k=16, prior_mc_samples=256, ais=False, qstar_n_images=6)
@@ -97,7 +98,9 @@ def test_a_linear_model_s_q_star_is_its_closed_form_and_the_optimizer_is_checked
     result, per_image = evaluated(encoder_model, spec, x)
     entry = result["estimates"]["qstar"]
     assert result["estimator"] == "closed_form" and entry["optimizer_vs_closed_form"]["max"] < 0.01
-    assert result["gap_approximation"] + result["gap_amortization"] == pytest.approx(result["gap_elbo"], abs=1e-9)
+    total = result["gap_approximation"] + result["gap_amortization"]
+    assert total == pytest.approx(result["gap_elbo_same_images"], abs=1e-9)
+    assert result["gap_amortization"] > 0 and result["gap_approximation"] > 0  # exact: both KLs
 
 
 def test_an_encoder_free_model_has_an_approximation_gap_and_no_amortization_gap():
