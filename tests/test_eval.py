@@ -67,7 +67,7 @@ def test_training_writes_eval_json_and_the_headline_numbers(run):
     run_dir, summary = run
     result = json.loads((run_dir / EVAL).read_text())
     assert result["estimator"] == "quadrature" and result["n_images"] == 64 and result["objective"] == "elbo"
-    assert list(result["estimates"]) == ["quadrature", "importance", "prior_mc"]
+    assert list(result["estimates"]) == ["quadrature", "importance", "prior_mc", "qstar"]
     for entry in result["estimates"].values():
         assert {"value", "stderr", "seconds", "settings"} <= set(entry)
     assert result["estimates"]["importance"]["settings"]["k"] == 64
@@ -122,7 +122,7 @@ def test_a_run_trained_further_drops_the_evaluation_of_its_older_parameters(tmp_
 @pytest.mark.parametrize(
     "edit, edited",
     [
-        ({"checkpoint": "by hand"}, ["quadrature", "importance", "prior_mc"]),
+        ({"checkpoint": "by hand"}, ["quadrature", "importance", "prior_mc", "qstar"]),
         ({"estimates": {"quadrature": "by hand", "importance": {"settings": None}}}, ["quadrature", "importance"]),
         ({"estimates": {"prior_mc": {"value": "x", "stderr": 1, "seconds": 1, "settings": {}}}}, ["prior_mc"]),
     ],

@@ -65,7 +65,7 @@ def test_vae_eval_reuses_what_eval_json_holds_and_says_so(sweep, capsys):
     eval_main([str(run), "--no-ais"])
     out = capsys.readouterr().out
     after = json.loads((run / "eval.json").read_text())
-    assert after["reused"] == ["quadrature", "importance", "prior_mc"] and "quadrature * (reused)" in out
+    assert after["reused"] == ["quadrature", "importance", "prior_mc", "qstar"] and "quadrature * (reused)" in out
     assert "reused from eval.json (same checkpoint and settings)" in out and "--recompute" in out
     assert after["estimates"]["quadrature"]["value"] == before["estimates"]["quadrature"]["value"]
     eval_main([str(run), "--no-ais", "--prior-mc-samples", "64"])  # a setting that changes: that estimator again

@@ -139,7 +139,7 @@ def test_every_objective_and_estimator_on_a_gaussian_likelihood(objective, model
     summary = train(compose_config(overrides), tmp_path / "run")
     result = json.loads((tmp_path / "run" / EVAL).read_text())
     expected = ["closed_form"] * (model == "linear") + ["quadrature"]
-    expected += ["importance"] * (objective in ("elbo", "iwae")) + ["prior_mc", "ais"]
+    expected += ["importance"] * (objective in ("elbo", "iwae")) + ["prior_mc", "qstar", "ais"]
     assert list(result["estimates"]) == expected
     assert result["estimator"] == expected[0] and math.isfinite(result["log_px"])
     assert summary["bits_per_dim"] == result["bits_per_dim"] > 0
@@ -158,7 +158,7 @@ def test_a_linear_gaussian_run_is_scored_against_its_closed_form(tmp_path, monke
     train(compose_config(["objective=elbo", *LINEAR, "K=3", "n_train_iters=20", *CHEAP_EVAL]), tmp_path / "run")
     result = json.loads((tmp_path / "run" / EVAL).read_text())
     assert result["estimator"] == "closed_form" and list(result["estimates"]) == [
-        "closed_form", "ais", "importance", "prior_mc"
+        "closed_form", "ais", "importance", "prior_mc", "qstar"
     ]  # fmt: skip
     assert result["bounds"]["jensen"]["from"] == result["bounds"]["elbo"]["from"] == "closed_form"
     for name in ("ais", "importance", "prior_mc"):

@@ -31,6 +31,7 @@ from vae_cli.maths.densities import (
     standard_normal_log_prob,
 )
 from vae_cli.maths.models import LatentVariableModel
+from vae_cli.maths.psis import effective_sample_size, khat_from_top, merge_top, tail_length, top_log_weights
 from vae_cli.maths.spec import N_PIXELS
 
 # Floats in the largest temporary. On the CPU, blocks under 32 MiB are reused from the heap
@@ -51,7 +52,14 @@ class WeightedSums:
     jensen: torch.Tensor  # (N,) sum_g w_g log p(x|z_g)
 
 
-@torch.no_grad()  # estimates, never differentiated: no graph over the whole grid
+@dataclass(frozen=True)
+class WeightDiagnostics:
+    """How far each image's importance weights can be trusted (vae_cli.maths.psis)."""
+
+    khat: torch.Tensor  # (N,) Pareto k-hat of the weights' upper tail
+    ess: torch.Tensor  # (N,) (sum w)^2 / sum w^2
+
+
 def weighted_sums(
     model: LatentVariableModel,
     x: torch.Tensor,
@@ -65,29 +73,67 @@ def weighted_sums(
     log sum_g w_g p(x|z_g) and sum_g w_g log p(x|z_g).
 
     The decoder runs once per point; the sums run over chunks of points (a running logsumexp),
-    accumulated in float64. progress(fraction) after each chunk of points."""
+    accumulated in float64."""
+    return _weighted_sums(model, x, z, log_w, batch_size, chunk_elements, False, progress)[0]
+
+
+def diagnosed_weighted_sums(
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    log_w: torch.Tensor,
+    batch_size: int,
+    chunk_elements: int | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[WeightedSums, WeightDiagnostics]:
+    """weighted_sums, and the k-hat and ESS of each image's weights w_g p(x|z_g) (for draws z_g ~ p(z):
+    prior Monte Carlo's importance weights), from a running top of each image's log-weights and a
+    running logsumexp of their squares: no (images, points) array is ever held."""
+    return _weighted_sums(model, x, z, log_w, batch_size, chunk_elements, True, progress)
+
+
+@torch.no_grad()  # estimates, never differentiated: no graph over the whole grid
+def _weighted_sums(
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    log_w: torch.Tensor,
+    batch_size: int,
+    chunk_elements: int | None,
+    diagnose: bool,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[WeightedSums, WeightDiagnostics | None]:
     n = len(x)
     batch_size = min(batch_size, n)
     chunk = max(1, (chunk_elements or default_chunk_elements(x.device)) // max(batch_size, N_PIXELS))
     log_px = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
     jensen = torch.zeros(n, dtype=torch.float64, device=x.device)
+    tail = tail_length(len(z)) + 1
+    tops: list[torch.Tensor | None] = [None] * math.ceil(n / batch_size)  # each batch's running top log-weights
+    log_sum_sq = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)  # log sum_g w_g^2
     done = 0
     for zc, log_wc in zip(z.split(chunk), log_w.split(chunk)):
         out = model.decoder(zc)
         wc = log_wc.exp()
-        for start in range(0, n, batch_size):
+        for batch, start in enumerate(range(0, n, batch_size)):
             rows = slice(start, start + batch_size)
             ll = model.likelihood.log_prob_shared(x[rows], out)  # one matrix product
             jensen[rows] += (ll @ wc).double()
             # logsumexp(ll + log w), in place in ll's buffer: no further (batch, chunk) temporaries
             log_joint = ll.add_(log_wc)
+            if diagnose:
+                tops[batch] = merge_top(tops[batch], log_joint.double(), tail)
+                log_sum_sq[rows] = torch.logaddexp(log_sum_sq[rows], torch.logsumexp(2 * log_joint.double(), -1))
             top = log_joint.amax(-1)
             chunk_log_px = log_joint.sub_(top.unsqueeze(-1)).exp_().sum(-1).log_() + top
             log_px[rows] = torch.logaddexp(log_px[rows], chunk_log_px.double())
         done += len(zc)
-        if progress is not None:
+        if progress is not None:  # the share of the points summed
             progress(done / len(z))
-    return WeightedSums(log_px, jensen)
+    if not diagnose:
+        return WeightedSums(log_px, jensen), None
+    khat = torch.cat([khat_from_top(t) for t in tops if t is not None])
+    return WeightedSums(log_px, jensen), WeightDiagnostics(khat, (2 * log_px - log_sum_sq).exp())
 
 
 # --- Draws from the encoder q(z|x): importance sampling, the ELBO and IWAE-k ----------------------
@@ -114,7 +160,6 @@ def importance_noise(
     return eps
 
 
-@torch.no_grad()
 def importance_sums(
     model: LatentVariableModel,
     x: torch.Tensor,
@@ -129,13 +174,42 @@ def importance_sums(
 
     log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x). The decoder sees chunks of draws whose
     logits hold at most chunk_elements floats; the (batch, k) log-weights are kept whole."""
+    return _importance_sums(model, x, k, iwae_k, seed, batch_size, chunk_elements, False, progress)[0]
+
+
+def diagnosed_importance_sums(
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    k: int,
+    iwae_k: int,
+    seed: int,
+    batch_size: int,
+    chunk_elements: int | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[ImportanceSums, WeightDiagnostics]:
+    """importance_sums, and the k-hat and ESS of each image's k weights (vae_cli.maths.psis)."""
+    return _importance_sums(model, x, k, iwae_k, seed, batch_size, chunk_elements, True, progress)
+
+
+@torch.no_grad()
+def _importance_sums(
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    k: int,
+    iwae_k: int,
+    seed: int,
+    batch_size: int,
+    chunk_elements: int | None,
+    diagnose: bool,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[ImportanceSums, WeightDiagnostics | None]:
     if not 1 <= iwae_k <= k:
         raise ValueError(f"iwae_k={iwae_k} must be between 1 and k={k}")
     n = len(x)
     batch_size = min(batch_size, n)
     chunk = max(1, (chunk_elements or default_chunk_elements(x.device)) // (batch_size * N_PIXELS))
     groups = k // iwae_k
-    out: dict[str, list[torch.Tensor]] = {"log_px": [], "elbo": [], "iwae": []}
+    out: dict[str, list[torch.Tensor]] = {"log_px": [], "elbo": [], "iwae": [], "khat": [], "ess": []}
     for start in range(0, n, batch_size):
         xb = x[start : start + batch_size]
         mu, logvar = model.encode(xb)
@@ -147,13 +221,17 @@ def importance_sums(
         log_px_z = torch.empty(len(xb), k, device=x.device, dtype=mu.dtype)
         for first in range(0, k, chunk):
             log_px_z[:, first : first + chunk] = model.log_px_given_z(xb, z[:, first : first + chunk])
-            if progress is not None:
+            if progress is not None:  # the share of the images' draws decoded
                 progress((start + len(xb) * min(k, first + chunk) / k) / n)
         log_w = log_px_z + standard_normal_log_prob(z) - diagonal_normal_log_prob(z, mu, logvar)
         out["log_px"].append(log_mean_exp(log_w))
         out["elbo"].append(log_px_z.mean(-1) - kl_to_standard_normal(mu, logvar).sum(-1))
         out["iwae"].append(log_mean_exp(log_w[:, : groups * iwae_k].reshape(len(xb), groups, iwae_k)).mean(-1))
-    return ImportanceSums(**{name: torch.cat(parts).double() for name, parts in out.items()})
+        if diagnose:
+            out["khat"].append(khat_from_top(top_log_weights(log_w)))
+            out["ess"].append(effective_sample_size(log_w))
+    sums = ImportanceSums(**{name: torch.cat(out[name]).double() for name in ("log_px", "elbo", "iwae")})
+    return sums, WeightDiagnostics(torch.cat(out["khat"]), torch.cat(out["ess"])) if diagnose else None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ IMPORTANCE_K = PerDevice(cpu=1000, cuda=5000)  # draws from q(z|x) per image
 IMPORTANCE_N_IMAGES = PerDevice(cpu=1000, cuda=0)
 AIS_N_IMAGES = PerDevice(cpu=32, cuda=0)
 BDMC_N_IMAGES = PerDevice(cpu=8, cuda=100)
+QSTAR_N_IMAGES = PerDevice(cpu=16, cuda=0)  # q*(z|x) costs about half of AIS an image
 
 DATA_ROOT = "${oc.env:VAE_CLI_DATA,'~/.cache/vae-cli/data'}"
 BINARIZATIONS = ("static", "dynamic", "none")
@@ -199,6 +200,12 @@ class EvalConfig:
     bdmc_n_images: int | None = key(
         None, f"BDMC: images simulated from the model; null = {BDMC_N_IMAGES.text()}; 0 = none", at_least(0)
     )
+    qstar_n_images: int | None = key(
+        None,
+        f"q*(z|x), each image's best diagonal Gaussian (the approximation and amortization gaps): the first N; "
+        f"null = {QSTAR_N_IMAGES.text()}; 0 = all",
+        at_least(0),
+    )
     seed: int = key(0, "seed of every evaluation draw", below(2**31, "2^31"))
     gradient_snr: bool = key(
         False, "the gradients' signal-to-noise per sample count, encoder and decoder, each estimator (gradient_snr.png)"
@@ -209,7 +216,7 @@ class EvalConfig:
 
 
 # The eval.* values that put every test image through every estimator (vae-eval --full, Run.log_px).
-EVERY_IMAGE = {"n_images": None, "importance_n_images": 0, "ais_n_images": 0}
+EVERY_IMAGE = {"n_images": None, "importance_n_images": 0, "ais_n_images": 0, "qstar_n_images": 0}
 
 
 @dataclass

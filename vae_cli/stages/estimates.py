@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vae_cli.errors import ConfigError
-from vae_cli.maths import streams
+from vae_cli.maths import qstar, streams
 from vae_cli.maths.ais import (
     PILOT_CHAINS,
     SIGMOID_SCALE,
@@ -27,13 +27,22 @@ from vae_cli.maths.ais import (
     max_step_size,
 )
 from vae_cli.maths.densities import quadrature_grid
-from vae_cli.maths.estimators import encoder_statistics, importance_sums, weighted_sums
+from vae_cli.maths.estimators import (
+    WeightDiagnostics,
+    default_chunk_elements,
+    diagnosed_importance_sums,
+    diagnosed_weighted_sums,
+    encoder_statistics,
+    importance_noise,
+    weighted_sums,
+)
 from vae_cli.maths.gradient_snr import snr_by_sample_count
 from vae_cli.maths.linear_gaussian import CHUNK_ROWS, LinearGaussian
 from vae_cli.maths.models import LatentVariableModel
 from vae_cli.maths.objectives import OBJECTIVES
+from vae_cli.maths.psis import KHAT_THRESHOLD
 from vae_cli.maths.spec import FLOAT_BYTES, N_PIXELS, QUADRATURE_MAX_K, ModelSpec
-from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES
+from vae_cli.run.keys import AIS_N_IMAGES, BDMC_N_IMAGES, IMPORTANCE_K, IMPORTANCE_N_IMAGES, QSTAR_N_IMAGES
 from vae_cli.run.machine import available_bytes, has_native_bf16
 
 # AIS decodes this many times eval.batch_size latents a pass: on the 2-core CPU its bf16 passes of
@@ -219,12 +228,12 @@ def _plan_quadrature(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: in
 def _plan_importance(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
     k, n = importance_sizes(cfg_eval, device, n)
     settings = {"k": k, "iwae_k": min(cfg_eval.iwae_k, k), "proposal": "q(z|x)", "seed": cfg_eval.seed}
-    return Planned("importance", n, {**settings, "n_images": n})
+    return Planned("importance", n, {**settings, "diagnostics": PSIS_DIAGNOSTICS, "n_images": n})
 
 
 def _plan_prior_mc(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
     settings = {"n_samples": cfg_eval.prior_mc_samples, "shared": True, "seed": cfg_eval.seed}
-    return Planned("prior_mc", n, {**settings, "n_images": n})
+    return Planned("prior_mc", n, {**settings, "diagnostics": PSIS_DIAGNOSTICS, "n_images": n})
 
 
 def _plan_ais(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
@@ -247,10 +256,87 @@ def _plan_ais(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> P
     return Planned("ais", n, described)
 
 
+def _plan_qstar(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
+    n = _subset(_per_device(cfg_eval.qstar_n_images, QSTAR_N_IMAGES, device), n)
+    settings = {
+        "optimizer": "the mode (Adam), its Laplace variances, then natural-gradient ascent of the ELBO",
+        "steps": qstar.STEPS,
+        "samples": qstar.SAMPLES,
+        "antithetic": True,
+        "lr": qstar.LR,
+        "averaged": f"the last {qstar.AVERAGED:.0%} of the iterates",
+        "start": "q(z|x)" if spec.encoder else f"{qstar.INIT_DRAWS} prior draws weighted by p(x|z)",
+        # the ELBO of q*: as the evaluation's ELBO of q(z|x), and from the importance estimator's draws
+        "elbo": "closed form" if spec.closed_form else "E_q log p(x|z) from the importance draws, closed-form KL",
+        "elbo_draws": None if spec.closed_form else importance_sizes(cfg_eval, device, n)[0],
+        "seed": cfg_eval.seed,
+    }
+    return Planned("qstar", n, {**settings, "n_images": n})
+
+
+def qstar_batch_images(cfg_eval: Any) -> int:
+    """Images per pass of the q* optimizer: 4 x eval.batch_size latents, qstar.SAMPLES a piece."""
+    return max(1, 4 * cfg_eval.batch_size // qstar.SAMPLES)
+
+
 def _plan_closed_form(spec: ModelSpec, cfg_eval: Any, device: torch.device, n: int) -> Planned:
     per_pixel = spec.likelihood.option("per_pixel", False)
     kind = "factor analysis (sigma per pixel)" if per_pixel else "probabilistic PCA (shared sigma)"
     return Planned("closed_form", n, {"model": kind, "n_images": n})
+
+
+# --- how far importance weights can be trusted (importance, prior_mc) ----------------------------------
+
+PSIS_DIAGNOSTICS = "PSIS k-hat and ESS per image (Vehtari et al. 2024)"
+LOW_BY = 1.0  # an estimate this many nats below log_px missed the posterior
+
+
+def psis_values(name: str, diagnostics: WeightDiagnostics) -> dict[str, torch.Tensor]:
+    """eval_images.csv's columns of an estimator's diagnostics: "<name>.khat", "<name>.ess"."""
+    return {f"{name}.khat": diagnostics.khat, f"{name}.ess": diagnostics.ess}
+
+
+def psis_summary(diagnostics: WeightDiagnostics) -> dict[str, Any]:
+    """The share of images whose k-hat flags their weights, and the ESS, over the estimator's images."""
+    flagged = diagnostics.khat > KHAT_THRESHOLD
+    return {
+        "khat_threshold": KHAT_THRESHOLD,
+        "flagged": int(flagged.sum()),
+        "flagged_share": float(flagged.double().mean()),
+        "khat_max": float(diagnostics.khat.nan_to_num(nan=-math.inf).max()),
+        "ess": mean_stderr(diagnostics.ess),
+    }
+
+
+def psis_against(per_image: PerImage, name: str, log_px: torch.Tensor) -> dict[str, Any]:
+    """The flag checked against log_px on the same images: the flagged images' mean distance to it,
+    and as a detector of estimates over LOW_BY nats below it, the flag's precision and recall."""
+    n = min(len(per_image[name]), len(log_px))
+    error = (per_image[name][:n] - log_px[:n]).double()
+    flagged, low = per_image[f"{name}.khat"][:n] > KHAT_THRESHOLD, error < -LOW_BY
+    hits = int((flagged & low).sum())
+    return {
+        "flagged_minus_log_px": mean_stderr(error[flagged]) if bool(flagged.any()) else None,
+        "low_by": LOW_BY,
+        "low": int(low.sum()),
+        "precision": hits / int(flagged.sum()) if bool(flagged.any()) else None,
+        "recall": hits / int(low.sum()) if bool(low.any()) else None,
+    }
+
+
+def _describe_psis(entry: dict[str, Any]) -> str:
+    psis = entry.get("psis")
+    if psis is None:  # older eval.json
+        return ""
+    text = f"; k-hat > {psis['khat_threshold']:g} on {100 * psis['flagged_share']:.1f}% ({psis['flagged']})"
+    against = psis.get("vs_log_px")
+    if against and against["flagged_minus_log_px"] is not None:
+        text += f", those {against['flagged_minus_log_px']['value']:+.2f} vs *"
+    text += f", ESS {psis['ess']['value']:.0f}"
+    if against and against["low"]:
+        precision = "-" if against["precision"] is None else f"{against['precision']:.2f}"
+        text += f"; the flag finds {against['recall']:.2f} of the {against['low']} images over {against['low_by']:g} nat low, precision {precision}"
+    return text
 
 
 # --- running each estimator -----------------------------------------------------------------------
@@ -290,8 +376,10 @@ def run_importance(
     first eval.importance_n_images images (per-image draws cost k decoder passes an image)."""
     s = planned.settings
     k, iwae_k, n = s["k"], s["iwae_k"], planned.n_images
-    imp = importance_sums(model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size, progress=lap.progress)
-    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s}
+    imp, diagnostics = diagnosed_importance_sums(
+        model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size, progress=lap.progress
+    )
+    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s, "psis": psis_summary(diagnostics)}
     bounds = {
         "elbo": {**mean_stderr(imp.elbo), "n_images": n, "method": f"{k} draws from q(z|x), closed-form KL"},
         "iwae_k": {
@@ -302,7 +390,7 @@ def run_importance(
         },
     }
     values = {"importance": imp.log_px, "importance.elbo": imp.elbo, "importance.iwae_k": imp.iwae}
-    return entry, values, bounds
+    return entry, {**values, **psis_values("importance", diagnostics)}, bounds
 
 
 def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
@@ -310,10 +398,16 @@ def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned:
     S = planned.settings["n_samples"]
     z = streams.normal(streams.stream(cfg_eval.seed, "prior_mc"), (S, model.K), x.device)
     log_w = torch.full((S,), -math.log(S), device=x.device)
-    mc = weighted_sums(model, x, z, log_w, cfg_eval.batch_size, progress=lap.progress)
-    entry = {**mean_stderr(mc.log_px), "seconds": lap(), "settings": planned.settings}
+    mc, diagnostics = diagnosed_weighted_sums(model, x, z, log_w, cfg_eval.batch_size, progress=lap.progress)
+    entry = {
+        **mean_stderr(mc.log_px),
+        "seconds": lap(),
+        "settings": planned.settings,
+        "psis": psis_summary(diagnostics),
+    }
     jensen = {**mean_stderr(mc.jensen), "method": f"mean over {S} shared prior draws"}
-    return entry, {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen}, {"jensen": jensen}
+    values = {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen, **psis_values("prior_mc", diagnostics)}
+    return entry, values, {"jensen": jensen}
 
 
 def run_ais(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
@@ -360,6 +454,74 @@ def run_closed_form(
     return entry, values, bounds
 
 
+def run_qstar(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
+    """The ELBO of q*(z|x), each image's best diagonal Gaussian (vae_cli.maths.qstar), on the first
+    eval.qstar_n_images images: from the encoder's q(z|x) (from prior draws without an encoder),
+    and for a linear-Gaussian model also in closed form, which is then its value (the optimizer's
+    distance to it is recorded). evaluation.evaluate splits gap_elbo with it."""
+    n, seed = planned.n_images, cfg_eval.seed
+    k = importance_sizes(cfg_eval, x.device, n)[0]
+    lg = model.linear_gaussian()
+    fitted, estimated = [], []
+    for first in range(0, n, qstar_batch_images(cfg_eval)):
+        xb = x[first : min(n, first + qstar_batch_images(cfg_eval))]
+        start = model.encode(xb) if model.encoder is not None else qstar.prior_start(model, xb, seed, first)
+        fit = qstar.optimize(model, xb, *start, seed, first)
+        fitted.append(fit)
+        if lg is None:  # the same draws as the importance estimator's ELBO of q(z|x): their difference is paired
+            eps = importance_noise(len(xb), k, model.K, seed, first, x.device, fit.mean.dtype)
+            chunk = max(1, default_chunk_elements(x.device) // (len(xb) * N_PIXELS))
+            estimated.append(qstar.elbo_from_draws(model, xb, fit.mean, fit.logvar, eps, chunk))
+    mean, logvar = torch.cat([f.mean for f in fitted]), torch.cat([f.logvar for f in fitted])
+    change = torch.cat([f.change for f in fitted])
+    values = {"qstar.change": change}
+    entry: dict[str, Any] = {}
+    if lg is None:
+        values["qstar"] = torch.cat(estimated)
+    else:
+        values["qstar"] = lg.elbo(x[:n], *qstar.closed_form(lg, x[:n]))
+        values["qstar.optimized"] = lg.elbo(x[:n], mean, logvar)
+        deficit = values["qstar"] - values["qstar.optimized"]
+        entry["optimizer_vs_closed_form"] = {**mean_stderr(deficit), "max": float(deficit.max())}
+    entry.update(mean_stderr(values["qstar"]), seconds=lap(), settings=planned.settings)
+    entry["convergence"] = {
+        "change": mean_stderr(change),
+        "max_abs_change": float(change.abs().max()),
+        "what": f"per image, the mean ELBO of the last {qstar.WINDOW:.0%} of the steps minus that of the "
+        f"{qstar.WINDOW:.0%} before, each from {qstar.SAMPLES} draws a step (their noise included)",
+    }
+    return entry, values, {}
+
+
+def gap_decomposition(per_image: PerImage, log_px: torch.Tensor, elbo_from: str | None) -> dict[str, Any]:
+    """gap_elbo = gap_approximation + gap_amortization on the images q* was fitted on (Cremer et al. 2018):
+    log p(x) - ELBO(q*) and ELBO(q*) - ELBO(q), each a mean of per-image differences with its stderr.
+    The two sum to gap_elbo on the same images exactly (the same per-image log p(x) and ELBO(q)); where
+    the optimizer falls short of q*, the approximation gap is too large and the amortization gap too
+    small by as much. elbo_from: the estimator of the evaluation's ELBO of q(z|x) (None: no encoder)."""
+    elbo_qstar = per_image["qstar"]
+    out: dict[str, Any] = {}
+    if elbo_from is None:
+        gap = paired_difference(log_px, elbo_qstar)
+        out["gap_amortization"] = out["gap_amortization_stderr"] = out["gap_amortization_n_images"] = None
+        out["gap_amortization_note"] = (
+            "not defined: the model has no encoder q(z|x) (objective jensen, prior_iwae, exact)"
+        )
+    else:
+        elbo_q = per_image[f"{elbo_from}.elbo"]
+        n = min(len(elbo_qstar), len(elbo_q), len(log_px))
+        gap = paired_difference(log_px[:n], elbo_qstar[:n])
+        amortization = paired_difference(elbo_qstar[:n], elbo_q[:n])
+        out["gap_amortization"], out["gap_amortization_stderr"] = amortization["value"], amortization["stderr"]
+        out["gap_amortization_n_images"] = n
+        # the encoder beating its own q* by more than float noise: the optimizer did not converge there
+        out["gap_amortization_negative_images"] = int((elbo_qstar[:n] - elbo_q[:n] < -1e-3).sum())
+        out["gap_elbo_same_images"] = paired_difference(log_px[:n], elbo_q[:n])["value"]
+    out["gap_approximation"], out["gap_approximation_stderr"] = gap["value"], gap["stderr"]
+    out["gap_approximation_n_images"] = gap["n_images"]
+    return out
+
+
 @dataclass(frozen=True)
 class Estimator:
     applies: Callable[[ModelSpec], bool]  # to a model of this spec at all
@@ -396,7 +558,7 @@ def _describe_closed_form(entry: dict[str, Any], K: int) -> str:
 
 
 def _describe_importance(entry: dict[str, Any], K: int) -> str:
-    return f"k={entry['settings']['k']} draws from q(z|x)"
+    return f"k={entry['settings']['k']} draws from q(z|x)" + _describe_psis(entry)
 
 
 def _describe_ais(entry: dict[str, Any], K: int) -> str:
@@ -409,7 +571,7 @@ def _describe_ais(entry: dict[str, Any], K: int) -> str:
 
 
 def _describe_prior_mc(entry: dict[str, Any], K: int) -> str:
-    return f"S={entry['settings']['n_samples']} shared prior draws"
+    return f"S={entry['settings']['n_samples']} shared prior draws" + _describe_psis(entry)
 
 
 def _memory_quadrature(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
@@ -431,6 +593,24 @@ def _memory_ais(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[
     # momenta and accept uniforms for every step
     latents = ais_batch_images(cfg_eval) * (cfg_eval.ais_chains + PILOT_CHAINS)
     return [("eval.ais_steps, eval.batch_size", cfg_eval.ais_steps * latents * (spec.K + 1) * FLOAT_BYTES)]
+
+
+def _describe_qstar(entry: dict[str, Any], K: int) -> str:
+    s = entry["settings"]
+    text = (
+        f"ELBO of q*, each image's best diagonal Gaussian: {s['steps']} steps x {s['samples']} draws from {s['start']}"
+    )
+    if "optimizer_vs_closed_form" in entry:
+        text += f" (closed form; the optimizer within {entry['optimizer_vs_closed_form']['max']:.4f} nats of it)"
+    return text
+
+
+def _memory_qstar(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
+    # the graph of a pass of latents through the decoder, kept for the gradient; its ELBO's draws
+    latents = qstar_batch_images(cfg_eval) * qstar.SAMPLES
+    graph = latents * (spec.hidden * spec.depth + 2 * N_PIXELS) * 3 * FLOAT_BYTES
+    draws = qstar_batch_images(cfg_eval) * (planned.settings["elbo_draws"] or 0) * spec.K * FLOAT_BYTES
+    return [("eval.batch_size", graph + draws)]
 
 
 def _memory_closed_form(spec: ModelSpec, cfg_eval: Any, planned: Planned) -> list[tuple[str, int]]:
@@ -495,6 +675,7 @@ ESTIMATORS: dict[str, Estimator] = {
         bounds=("jensen",),
         shorten=("eval.prior_mc_samples", "eval.n_images"),
     ),
+    "qstar": Estimator(_always, _plan_qstar, run_qstar, _memory_qstar, _describe_qstar, rank=5),
 }
 # Where each bound comes from, the most exact producer first.
 BOUND_SOURCES: dict[str, tuple[str, ...]] = {

@@ -57,12 +57,14 @@ from vae_cli.stages.estimates import (
     check_memory,
     describe_gradient_snr,
     float32_matmuls,
+    gap_decomposition,
     gradient_snr_applies,
     mean_stderr,
     memory_gradient_snr,
     memory_parts,
     paired_difference,
     plan,
+    psis_against,
     run_gradient_snr,
 )
 from vae_cli.stages.tracking import open_tracker
@@ -146,6 +148,8 @@ def evaluate(
     for name, entry in estimates.items():  # each estimator's distance to log_px, paired per image
         if name != estimator:
             entry["minus_log_px"] = paired_difference(per_image[name], log_px)
+            if "psis" in entry:
+                entry["psis"]["vs_log_px"] = psis_against(per_image, name, log_px)
 
     result: dict[str, Any] = {
         "log_px": estimates[estimator]["value"],
@@ -169,6 +173,9 @@ def evaluate(
         result[f"gap_{bound}_n_images"] = gap["n_images"]
         if estimator == "closed_form":
             result[f"gap_{bound}_estimated"] = _estimated_gap(bound, planned_runs, per_image, produced)
+    if "qstar" in estimates:  # gap_elbo split into the approximation and amortization gaps
+        elbo_from = result["bounds"].get("elbo", {}).get("from") if model.encoder is not None else None
+        result.update(gap_decomposition(per_image, log_px, elbo_from))
     if images.binarization == GREY_LEVELS:  # nats of the density on [0, 1)^784 -> bits per 8-bit pixel
         bits = mean_stderr((-log_px.double() / N_PIXELS + math.log(LEVELS)) / math.log(2))
         result["bits_per_dim"], result["bits_per_dim_stderr"] = bits["value"], bits["stderr"]
@@ -285,6 +292,8 @@ def format_table(result: dict[str, Any]) -> str:
             gap, stderr, n = result[f"gap_{bound}"], result[f"gap_{bound}_stderr"], result.get(f"gap_{bound}_n_images")
             exact = "exact, " if result["estimator"] == "closed_form" else ""
             row(f"gap_{bound}", gap, stderr, n, None, f"log p(x) - {bound} = mean {what}, {exact}paired per image")
+        if bound == "elbo" and result.get("gap_approximation") is not None:
+            _decomposition_rows(result, row)
         estimated = result.get(f"gap_{bound}_estimated")
         if estimated:
             note = f"the same gap estimated: {estimated['log_px_by']} - {estimated['bound_by']}'s {bound}"
@@ -318,6 +327,23 @@ def format_table(result: dict[str, Any]) -> str:
             "raise eval.quadrature_half_width"
         )
     return "\n".join(lines)
+
+
+def _decomposition_rows(result: dict[str, Any], row) -> None:
+    """gap_approximation and gap_amortization, and their sum against gap_elbo on the same images."""
+    n = result["gap_approximation_n_images"]
+    row("gap_approximation", result["gap_approximation"], result["gap_approximation_stderr"], n, None,
+        "log p(x) - ELBO(q*) = mean KL(q* || p(z|x)): what no diagonal Gaussian fits")  # fmt: skip
+    if result.get("gap_amortization") is None:
+        row("gap_amortization", math.nan, math.nan, n, None, result.get("gap_amortization_note", "not defined"))
+        return
+    note = (
+        f"ELBO(q*) - ELBO(q) = KL(q || p(z|x)) - KL(q* || p(z|x)): one encoder for all images; "
+        f"sum {result['gap_approximation'] + result['gap_amortization']:.3f} = gap_elbo "
+        f"{result['gap_elbo_same_images']:.3f} on these images"
+    )
+    n = result["gap_amortization_n_images"]
+    row("gap_amortization", result["gap_amortization"], result["gap_amortization_stderr"], n, None, note)
 
 
 # --- vae-eval: a run from its own files ------------------------------------------------------------
