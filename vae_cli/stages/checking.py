@@ -60,6 +60,7 @@ from vae_cli.run.machine import (
     time_matmul,
 )
 from vae_cli.run.rundir import CHECKPOINT, LOSSES, losses_up_to
+from vae_cli.stages.estimates import tf32_matmuls
 from vae_cli.stages.training import apply_speed_options, fit, micro_batch_size, step_flops, train_step
 
 CHECK_JSON = "check.json"
@@ -326,17 +327,6 @@ def same_draws(model: LatentVariableModel, seed: int) -> None:
 
     model.prior_sample = prior_sample
     model.reparameterize = reparameterize
-
-
-@contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """CUDA's TF32 matmul flag (process-wide) for the duration, then back to what it was."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def loss_and_gradient(

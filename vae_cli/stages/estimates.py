@@ -68,15 +68,20 @@ def points_per_dim(total: int, K: int) -> int:
 
 
 @contextmanager
-def float32_matmuls():
-    """Full float32 matmuls while evaluating, even after training with TF32 ones (cuda.tf32=true):
-    TF32's 10-bit mantissa moves a sum of 784 logits by tenths of a nat."""
+def tf32_matmuls(enabled: bool):
+    """CUDA's TF32 matmul flag (process-wide) for the duration, then back to what it was."""
     saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def float32_matmuls():
+    """Full float32 matmuls while evaluating, even after training with TF32 ones (cuda.tf32=true):
+    TF32's 10-bit mantissa moves a sum of 784 logits by tenths of a nat."""
+    return tf32_matmuls(False)
 
 
 ESTIMATE_AFTER_S = 5.0  # an estimator's estimate of its own time, once it has run this long
