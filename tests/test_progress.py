@@ -56,6 +56,8 @@ def test_the_evaluation_says_what_it_runs_and_how_long_each_estimator_takes(monk
     )
     evaluate(model, spec, images_of(x), cfg_eval, report=lines.append)
     started = [line for line in lines if line.startswith("evaluating: ")]
-    assert started == [f"evaluating: {name} on 4 test images" for name in ("quadrature", "prior_mc", "ais")]
+    planned = estimates.plan(spec, cfg_eval, torch.device("cpu"), 4)
+    assert started == [f"evaluating: {p.name} on {p.n_images} test images" for p in planned]
+    assert {"quadrature", "prior_mc", "ais"} <= {p.name for p in planned}
     assert any(line.startswith("ais: ") and "in all" in line for line in lines), lines
     assert any(line.startswith("BDMC: ") and "in all" in line for line in lines), lines
