@@ -1,4 +1,4 @@
-"""Every long stage says how long it will take: each estimator, after its first seconds, estimates its
+"""Every long stage says how long it will take, and vae-eval's table puts the distance to log_px where the eye goes: each estimator, after its first seconds, estimates its
 own time (naming the keys that shorten it where that is long), then reports every so often."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from vae_cli.maths.models import build_model
 from vae_cli.run.keys import EvalConfig
 from vae_cli.stages import estimates
 from vae_cli.stages.estimates import Stopwatch
-from vae_cli.stages.evaluation import evaluate
+from vae_cli.stages.evaluation import evaluate, format_table
 
 
 class Clock:
@@ -54,10 +54,16 @@ def test_the_evaluation_says_what_it_runs_and_how_long_each_estimator_takes(monk
     cfg_eval = EvalConfig(
         quadrature_points=64, prior_mc_samples=16, ais=True, ais_steps=8, ais_chains=2, bdmc_n_images=1
     )
-    evaluate(model, spec, images_of(x), cfg_eval, report=lines.append)
+    result, _ = evaluate(model, spec, images_of(x), cfg_eval, report=lines.append)
     started = [line for line in lines if line.startswith("evaluating: ")]
     planned = estimates.plan(spec, cfg_eval, torch.device("cpu"), 4)
     assert started == [f"evaluating: {p.name} on {p.n_images} test images" for p in planned]
     assert {"quadrature", "prior_mc", "ais"} <= {p.name for p in planned}
     assert any(line.startswith("ais: ") and "in all" in line for line in lines), lines
     assert any(line.startswith("BDMC: ") and "in all" in line for line in lines), lines
+    # vae-eval's table: the distance to log_px in a column of its own, right after the estimate's stderr
+    table = format_table(result).splitlines()
+    assert table[0].split()[:4] == ["log", "p(x)", "stderr", "vs"]
+    distance = result["estimates"]["prior_mc"]["minus_log_px"]
+    row = next(line for line in table if line.startswith("prior_mc"))
+    assert row.split()[3:5] == [f"{distance['value']:+.3f}", f"{distance['stderr']:.3f}"], row
