@@ -6,6 +6,7 @@ the README states the measured seconds."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,11 @@ def test_import_vae_cli_loads_no_figures_launchers_or_tensorboard_until_used():
     loaded = modules_after("import vae_cli\nvae_cli.load_run", HEAVY + LAUNCHERS)
     assert "torch" in loaded
     assert not [m for m in loaded if m.split(".")[0] in ("matplotlib", "tensorboard", "submitit", *LAUNCHERS)], loaded
+
+
+def test_a_config_with_every_option_of_every_unit_pickles():
+    """joblib and SLURM jobs pickle the config: each unit's option schema is importable by its name."""
+    for group in ("objective", "likelihood"):
+        for option in keys.GROUPS[group]:
+            cfg = compose_config([f"{group}={option}"])  # composed, not validated: pickling is all that matters
+            assert pickle.loads(pickle.dumps(cfg))[group] == cfg[group]

