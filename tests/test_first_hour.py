@@ -69,7 +69,7 @@ def test_vae_eval_reuses_what_eval_json_holds_and_says_so(sweep, capsys):
     assert "reused from eval.json (same checkpoint and settings)" in out and "--recompute" in out
     assert after["estimates"]["quadrature"]["value"] == before["estimates"]["quadrature"]["value"]
     eval_main([str(run), "--no-ais", "--prior-mc-samples", "64"])  # a setting that changes: that estimator again
-    assert json.loads((run / "eval.json").read_text())["reused"] == ["quadrature", "importance"]
+    assert json.loads((run / "eval.json").read_text())["reused"] == ["quadrature", "importance", "qstar"]
     eval_main([str(run), "--no-ais", "--recompute"])
     assert json.loads((run / "eval.json").read_text())["reused"] == []
     capsys.readouterr()

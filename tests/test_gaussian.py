@@ -224,7 +224,7 @@ def test_the_sigma_of_a_gaussian_model_is_in_its_checkpoint(tmp_path, monkeypatc
 
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["model"]["likelihood.raw_sigma"].shape == (784,)
-    assert model_spec(cfg).likelihood.per_pixel
+    assert model_spec(cfg).likelihood.option("per_pixel")
     torch.manual_seed(0)
     images = load_images(data_config(cfg), cfg.seed, torch.device("cpu"))
     result, _ = evaluate(
