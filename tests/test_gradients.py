@@ -21,12 +21,7 @@ from vae_cli.run.config import validate
 K, S, B = 2, 8, 2
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons (conftest.py)
 
 
 def linear_gaussian() -> tuple[Any, torch.Tensor]:

@@ -21,14 +21,7 @@ from vae_cli.maths.models import Decoder, Encoder, LatentVariableModel
 from vae_cli.maths.objectives import OBJECTIVES
 from vae_cli.run.keys import schema_of
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Exact comparisons against torch.distributions; restored so no other test sees it."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons (conftest.py)
 
 
 def tiny_model(K: int = 2, encoder: bool = True) -> LatentVariableModel:

@@ -12,8 +12,6 @@ from omegaconf import OmegaConf
 
 from vae_cli.maths import streams
 from vae_cli.maths.estimators import (
-    diagnosed_importance_sums,
-    diagnosed_weighted_sums,
     importance_sums,
     weighted_sums,
 )
@@ -61,7 +59,8 @@ def test_estimators_diagnose_their_own_draws():
     torch.manual_seed(0)
     model = build_model(mlp_spec(2, hidden=16, depth=1, encoder=True))
     x = torch.rand(5, 784).round()
-    sums, diag = diagnosed_importance_sums(model, x, 200, 10, seed=3, batch_size=2)
+    sums = importance_sums(model, x, 200, 10, seed=3, batch_size=2, diagnose=True)
+    diag = sums.diagnostics
     plain = importance_sums(model, x, 200, 10, seed=3, batch_size=5)
     torch.testing.assert_close(sums.log_px, plain.log_px)
     assert diag.khat.shape == (5,) and bool(((diag.ess >= 1) & (diag.ess <= 200)).all())
@@ -69,7 +68,8 @@ def test_estimators_diagnose_their_own_draws():
     S = 3000
     z = streams.normal(streams.stream(0, "prior_mc"), (S, 2))
     log_w = torch.full((S,), -math.log(S))
-    mc, diag = diagnosed_weighted_sums(model, x, z, log_w, batch_size=2, chunk_elements=784 * 100)
+    mc = weighted_sums(model, x, z, log_w, batch_size=2, chunk_elements=784 * 100, diagnose=True)
+    diag = mc.diagnostics
     torch.testing.assert_close(mc.log_px, weighted_sums(model, x, z, log_w, batch_size=5).log_px)
     with torch.no_grad():
         whole = model.log_px_given_shared_z(x, z).double()  # (5, S): every image's log-weights at once

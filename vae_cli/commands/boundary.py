@@ -16,7 +16,10 @@ from typing import NoReturn
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+import vae_cli
 from vae_cli.errors import Abort, JobFailed, UserError
+from vae_cli.run import keys
+from vae_cli.run.keys import DEVICES
 
 # What the allocators say when a size does not fit (torch.OutOfMemoryError is CUDA's).
 OUT_OF_MEMORY = ("can't allocate memory", "not enough memory", "out of memory")
@@ -136,3 +139,16 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         exit_with(self.prog, "error: ", f"{message} (see {self.prog} --help)", 2)
+
+
+def command_parser(prog: str, description: str, device: bool = False) -> OneLineParser:
+    """The parser of an argparse command: its description, --version, the commands' list below the
+    options, and where asked --device with the `device` key's choices, default and help."""
+    p = OneLineParser(
+        prog=prog, epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter, description=description
+    )
+    p.add_argument("--version", action="version", version=f"{prog} (vae-cli) {vae_cli.__version__}")
+    if device:
+        key = next(k for k in keys.keys() if k.path == "device")
+        p.add_argument("--device", choices=DEVICES, default=key.default, help=f"{key.help} (default {key.default})")
+    return p

@@ -5,16 +5,12 @@ floor. A table on stdout, check.json beside it; exit 0 when every line holds, 1 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import vae_cli
 from vae_cli.commands.app import compose_config
-from vae_cli.commands.boundary import COMMANDS, OneLineParser, exit_with, user_errors
-from vae_cli.run import keys
+from vae_cli.commands.boundary import OneLineParser, command_parser, exit_with, user_errors
 from vae_cli.run.files import check_creatable, write_json
-from vae_cli.run.keys import DEVICES
 
 # The tiny run the resume check trains twice: dynamic binarization and the IWAE draw from torch's RNG
 # every step, so a resume that restored any RNG state wrongly would take other steps.
@@ -35,20 +31,14 @@ RESUME_RUN = [
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(
-        prog="vae-check",
-        epilog=COMMANDS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Certify this installation on its own device: every objective's loss and gradient against "
+    p = command_parser(
+        "vae-check",
+        "Certify this installation on its own device: every objective's loss and gradient against "
         "a float64 reference in each speed option the device allows, every estimator against the closed form of "
         "a linear-Gaussian model, a checkpoint written and resumed, the matmul floor. One line per check on "
         "stdout, check.json in --out; exit code 0 when every line holds, 1 when one does not (named on stderr), "
         "2 for bad input. About 2 minutes on a 2-core CPU (--quick: 30 s), seconds on a GPU.",
-    )
-    p.add_argument("--version", action="version", version=f"vae-check (vae-cli) {vae_cli.__version__}")
-    device = next(k for k in keys.keys() if k.path == "device")
-    p.add_argument(
-        "--device", choices=DEVICES, default=device.default, help=f"{device.help} (default {device.default})"
+        device=True,
     )
     p.add_argument("--quick", action="store_true", help="fewer draws and images, no torch.compile lines (what CI runs)")
     p.add_argument(

@@ -8,12 +8,11 @@ import functools
 import sys
 from pathlib import Path
 
-import vae_cli
-from vae_cli.commands.boundary import COMMANDS, OneLineParser, full_traceback, one_line, user_errors
+from vae_cli.commands.boundary import OneLineParser, command_parser, full_traceback, one_line, user_errors
 from vae_cli.errors import RunDirError, UserError
 from vae_cli.run import keys
 from vae_cli.run.config import eval_config
-from vae_cli.run.keys import DEVICES, EVERY_IMAGE, shown_default
+from vae_cli.run.keys import EVERY_IMAGE, shown_default
 from vae_cli.run.rundir import EVAL, EVAL_IMAGES, SUMMARY, find_runs
 
 NOT_FLAGS = ("enabled",)  # eval.* keys that mean nothing to vae-eval
@@ -24,22 +23,16 @@ def eval_keys() -> list[keys.Key]:
 
 
 def parser() -> OneLineParser:
-    p = OneLineParser(
-        prog="vae-eval",
-        epilog=COMMANDS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Estimate the test-set log p(x) of vae-train runs (the closed form for linear-Gaussian models, "
+    p = command_parser(
+        "vae-eval",
+        "Estimate the test-set log p(x) of vae-train runs (the closed form for linear-Gaussian models, "
         "quadrature for K <= 2, annealed importance sampling, importance sampling, prior Monte Carlo) next to the "
         f"Jensen bound, the ELBO and IWAE-k; writes {EVAL} and {EVAL_IMAGES} into each run directory and the "
         f"headline numbers into its {SUMMARY}. A multirun directory: each of its runs. Options not given keep the "
         f"run's own eval.* settings; estimates {EVAL} holds for the same checkpoint and settings are reused.",
+        device=True,
     )
-    p.add_argument("--version", action="version", version=f"vae-eval (vae-cli) {vae_cli.__version__}")
     p.add_argument("paths", nargs="+", type=Path, help="run directories, or multirun directories of them")
-    device = next(k for k in keys.keys() if k.path == "device")
-    p.add_argument(
-        "--device", choices=DEVICES, default=device.default, help=f"{device.help} (default {device.default})"
-    )
     for k in eval_keys():
         name = k.path.split(".")[1]
         flag = "--" + name.replace("_", "-")

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import vae_cli
-from vae_cli.commands.boundary import COMMANDS, OneLineParser, exit_with, user_errors
+from vae_cli.commands.boundary import command_parser, exit_with, user_errors
 from vae_cli.errors import RunDirError
 from vae_cli.run.files import check_creatable
 from vae_cli.run.rundir import find_runs
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(
-        prog="vae-plot",
-        epilog=COMMANDS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Redraw the figures of vae-train runs; for a multirun directory or several runs, "
+    parser = command_parser(
+        "vae-plot",
+        "Redraw the figures of vae-train runs; for a multirun directory or several runs, "
         "also the comparison figures, comparison.csv/.md and a report.md.",
     )
-    parser.add_argument("--version", action="version", version=f"vae-plot (vae-cli) {vae_cli.__version__}")
     parser.add_argument("paths", nargs="+", type=Path, help="run directories or multirun directories")
     parser.add_argument(
         "--out",

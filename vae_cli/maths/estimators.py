@@ -47,12 +47,6 @@ def default_chunk_elements(device: torch.device) -> int:
 
 
 @dataclass(frozen=True)
-class WeightedSums:
-    log_px: torch.Tensor  # (N,) log sum_g w_g p(x|z_g)
-    jensen: torch.Tensor  # (N,) sum_g w_g log p(x|z_g)
-
-
-@dataclass(frozen=True)
 class WeightDiagnostics:
     """How far each image's importance weights can be trusted (vae_cli.maths.psis)."""
 
@@ -60,6 +54,14 @@ class WeightDiagnostics:
     ess: torch.Tensor  # (N,) (sum w)^2 / sum w^2
 
 
+@dataclass(frozen=True)
+class WeightedSums:
+    log_px: torch.Tensor  # (N,) log sum_g w_g p(x|z_g)
+    jensen: torch.Tensor  # (N,) sum_g w_g log p(x|z_g)
+    diagnostics: WeightDiagnostics | None = None  # where asked: of the weights w_g p(x|z_g)
+
+
+@torch.no_grad()  # estimates, never differentiated: no graph over the whole grid
 def weighted_sums(
     model: LatentVariableModel,
     x: torch.Tensor,
@@ -68,41 +70,15 @@ def weighted_sums(
     batch_size: int,
     chunk_elements: int | None = None,
     progress: Callable[[float], None] | None = None,
+    diagnose: bool = False,
 ) -> WeightedSums:
     """Per image, for points z (G, K) with normalized log-weights log_w (G,):
     log sum_g w_g p(x|z_g) and sum_g w_g log p(x|z_g).
 
     The decoder runs once per point; the sums run over chunks of points (a running logsumexp),
-    accumulated in float64."""
-    return _weighted_sums(model, x, z, log_w, batch_size, chunk_elements, False, progress)[0]
-
-
-def diagnosed_weighted_sums(
-    model: LatentVariableModel,
-    x: torch.Tensor,
-    z: torch.Tensor,
-    log_w: torch.Tensor,
-    batch_size: int,
-    chunk_elements: int | None = None,
-    progress: Callable[[float], None] | None = None,
-) -> tuple[WeightedSums, WeightDiagnostics]:
-    """weighted_sums, and the k-hat and ESS of each image's weights w_g p(x|z_g) (for draws z_g ~ p(z):
-    prior Monte Carlo's importance weights), from a running top of each image's log-weights and a
-    running logsumexp of their squares: no (images, points) array is ever held."""
-    return _weighted_sums(model, x, z, log_w, batch_size, chunk_elements, True, progress)
-
-
-@torch.no_grad()  # estimates, never differentiated: no graph over the whole grid
-def _weighted_sums(
-    model: LatentVariableModel,
-    x: torch.Tensor,
-    z: torch.Tensor,
-    log_w: torch.Tensor,
-    batch_size: int,
-    chunk_elements: int | None,
-    diagnose: bool,
-    progress: Callable[[float], None] | None = None,
-) -> tuple[WeightedSums, WeightDiagnostics | None]:
+    accumulated in float64. diagnose: also the k-hat and ESS of each image's weights w_g p(x|z_g)
+    (for draws z_g ~ p(z): prior Monte Carlo's importance weights), from a running top of each
+    image's log-weights and a running logsumexp of their squares: no (images, points) array is held."""
     n = len(x)
     batch_size = min(batch_size, n)
     chunk = max(1, (chunk_elements or default_chunk_elements(x.device)) // max(batch_size, N_PIXELS))
@@ -131,9 +107,9 @@ def _weighted_sums(
         if progress is not None:  # the share of the points summed
             progress(done / len(z))
     if not diagnose:
-        return WeightedSums(log_px, jensen), None
+        return WeightedSums(log_px, jensen)
     khat = torch.cat([khat_from_top(t) for t in tops if t is not None])
-    return WeightedSums(log_px, jensen), WeightDiagnostics(khat, (2 * log_px - log_sum_sq).exp())
+    return WeightedSums(log_px, jensen, WeightDiagnostics(khat, (2 * log_px - log_sum_sq).exp()))
 
 
 # --- Draws from the encoder q(z|x): importance sampling, the ELBO and IWAE-k ----------------------
@@ -144,6 +120,7 @@ class ImportanceSums:
     log_px: torch.Tensor  # (N,) log (1/k) sum_s w_s, the k-sample importance estimate
     elbo: torch.Tensor  # (N,) (1/k) sum_s log p(x|z_s) - KL(q(z|x) || p(z)) in closed form
     iwae: torch.Tensor  # (N,) mean over the k // iwae_k groups of log (1/iwae_k) sum_{s in group} w_s
+    diagnostics: WeightDiagnostics | None = None  # where asked: of the k weights w_s
 
 
 IMPORTANCE_STREAM = "importance"
@@ -160,6 +137,7 @@ def importance_noise(
     return eps
 
 
+@torch.no_grad()
 def importance_sums(
     model: LatentVariableModel,
     x: torch.Tensor,
@@ -169,40 +147,13 @@ def importance_sums(
     batch_size: int,
     chunk_elements: int | None = None,
     progress: Callable[[float], None] | None = None,
+    diagnose: bool = False,
 ) -> ImportanceSums:
     """Per image, from the same k draws z_s ~ q(z|x): the importance estimate of log p(x), the ELBO and IWAE-iwae_k.
 
     log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x). The decoder sees chunks of draws whose
-    logits hold at most chunk_elements floats; the (batch, k) log-weights are kept whole."""
-    return _importance_sums(model, x, k, iwae_k, seed, batch_size, chunk_elements, False, progress)[0]
-
-
-def diagnosed_importance_sums(
-    model: LatentVariableModel,
-    x: torch.Tensor,
-    k: int,
-    iwae_k: int,
-    seed: int,
-    batch_size: int,
-    chunk_elements: int | None = None,
-    progress: Callable[[float], None] | None = None,
-) -> tuple[ImportanceSums, WeightDiagnostics]:
-    """importance_sums, and the k-hat and ESS of each image's k weights (vae_cli.maths.psis)."""
-    return _importance_sums(model, x, k, iwae_k, seed, batch_size, chunk_elements, True, progress)
-
-
-@torch.no_grad()
-def _importance_sums(
-    model: LatentVariableModel,
-    x: torch.Tensor,
-    k: int,
-    iwae_k: int,
-    seed: int,
-    batch_size: int,
-    chunk_elements: int | None,
-    diagnose: bool,
-    progress: Callable[[float], None] | None = None,
-) -> tuple[ImportanceSums, WeightDiagnostics | None]:
+    logits hold at most chunk_elements floats; the (batch, k) log-weights are kept whole.
+    diagnose: also the k-hat and ESS of each image's k weights (vae_cli.maths.psis)."""
     if not 1 <= iwae_k <= k:
         raise ValueError(f"iwae_k={iwae_k} must be between 1 and k={k}")
     n = len(x)
@@ -230,8 +181,10 @@ def _importance_sums(
         if diagnose:
             out["khat"].append(khat_from_top(top_log_weights(log_w)))
             out["ess"].append(effective_sample_size(log_w))
-    sums = ImportanceSums(**{name: torch.cat(out[name]).double() for name in ("log_px", "elbo", "iwae")})
-    return sums, WeightDiagnostics(torch.cat(out["khat"]), torch.cat(out["ess"])) if diagnose else None
+    diagnostics = WeightDiagnostics(torch.cat(out["khat"]), torch.cat(out["ess"])) if diagnose else None
+    return ImportanceSums(
+        **{name: torch.cat(out[name]).double() for name in ("log_px", "elbo", "iwae")}, diagnostics=diagnostics
+    )
 
 
 @dataclass(frozen=True)

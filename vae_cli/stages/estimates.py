@@ -30,10 +30,9 @@ from vae_cli.maths.densities import quadrature_grid
 from vae_cli.maths.estimators import (
     WeightDiagnostics,
     default_chunk_elements,
-    diagnosed_importance_sums,
-    diagnosed_weighted_sums,
     encoder_statistics,
     importance_noise,
+    importance_sums,
     weighted_sums,
 )
 from vae_cli.maths.gradient_snr import snr_by_sample_count
@@ -381,10 +380,10 @@ def run_importance(
     first eval.importance_n_images images (per-image draws cost k decoder passes an image)."""
     s = planned.settings
     k, iwae_k, n = s["k"], s["iwae_k"], planned.n_images
-    imp, diagnostics = diagnosed_importance_sums(
-        model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size, progress=lap.progress
+    imp = importance_sums(
+        model, x[:n], k, iwae_k, cfg_eval.seed, cfg_eval.batch_size, progress=lap.progress, diagnose=True
     )
-    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s, "psis": psis_summary(diagnostics)}
+    entry = {**mean_stderr(imp.log_px), "seconds": lap(), "settings": s, "psis": psis_summary(imp.diagnostics)}
     bounds = {
         "elbo": {**mean_stderr(imp.elbo), "n_images": n, "method": f"{k} draws from q(z|x), closed-form KL"},
         "iwae_k": {
@@ -395,7 +394,7 @@ def run_importance(
         },
     }
     values = {"importance": imp.log_px, "importance.elbo": imp.elbo, "importance.iwae_k": imp.iwae}
-    return entry, {**values, **psis_values("importance", diagnostics)}, bounds
+    return entry, {**values, **psis_values("importance", imp.diagnostics)}, bounds
 
 
 def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
@@ -403,15 +402,15 @@ def run_prior_mc(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned:
     S = planned.settings["n_samples"]
     z = streams.normal(streams.stream(cfg_eval.seed, "prior_mc"), (S, model.K), x.device)
     log_w = torch.full((S,), -math.log(S), device=x.device)
-    mc, diagnostics = diagnosed_weighted_sums(model, x, z, log_w, cfg_eval.batch_size, progress=lap.progress)
+    mc = weighted_sums(model, x, z, log_w, cfg_eval.batch_size, progress=lap.progress, diagnose=True)
     entry = {
         **mean_stderr(mc.log_px),
         "seconds": lap(),
         "settings": planned.settings,
-        "psis": psis_summary(diagnostics),
+        "psis": psis_summary(mc.diagnostics),
     }
     jensen = {**mean_stderr(mc.jensen), "method": f"mean over {S} shared prior draws"}
-    values = {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen, **psis_values("prior_mc", diagnostics)}
+    values = {"prior_mc": mc.log_px, "prior_mc.jensen": mc.jensen, **psis_values("prior_mc", mc.diagnostics)}
     return entry, values, {"jensen": jensen}
 
 
