@@ -68,16 +68,18 @@ demo: setup
 		exit $$status; \
 	else exit $$status; fi
 
-# The fast loop (a few minutes on 2 cores): the maths, the config, one end-to-end run per command.
-# test-all runs everything, as CI does: the markers' tests too (docs/contributing.md, Tests), in
-# TEST_WORKERS processes (pytest-xdist), then the slurm tests on their own (one cluster a session).
+# The fast loop (about 2.5 minutes on 2 cores): the maths, the config, one end-to-end run per command.
+# test-all runs everything, as CI does: the markers' tests too (docs/contributing.md, Tests), then
+# the slurm tests on their own (one cluster a session). Both spread their tests over TEST_WORKERS
+# processes (pytest-xdist; 1 = one process, no xdist).
 FAST := not slow and not slurm and not mnist and not notebook
-TEST_WORKERS ?= 1
+TEST_WORKERS ?= 2
+WORKERS = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 test: setup
-	$(BIN)/python -m pytest -q -m "$(FAST)" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "$(FAST)" $(WORKERS) $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "not slurm" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slurm" $(WORKERS) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-slurm
 
 test-slurm: setup
