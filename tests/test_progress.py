@@ -61,6 +61,8 @@ def test_the_evaluation_says_what_it_runs_and_how_long_each_estimator_takes(monk
     assert {"quadrature", "prior_mc", "ais"} <= {p.name for p in planned}
     assert any(line.startswith("ais: ") and "in all" in line for line in lines), lines
     assert any(line.startswith("BDMC: ") and "in all" in line for line in lines), lines
+    # q* fits all four images in one pass: its progress comes from the optimizer's steps
+    assert any(line.startswith("qstar: ") and "in all" in line for line in lines), lines
     # vae-eval's table: the distance to log_px in a column of its own, right after the estimate's stderr
     table = format_table(result).splitlines()
     assert table[0].split()[:4] == ["log", "p(x)", "stderr", "vs"]

@@ -24,6 +24,7 @@ the last half of the iterates, so the gradient's noise does not decide where it 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,9 +75,11 @@ def optimize(
     steps: int = STEPS,
     samples: int = SAMPLES,
     lr: float = LR,
+    progress: Callable[[float], None] | None = None,
 ) -> QStar:
     """q* of images first..first+B-1 (x: (B, 784)) by Adam on (mean, logvar) from the given start (B, K).
-    Adam's update is per coordinate, so each image's path is its own whatever else is in the batch."""
+    Adam's update is per coordinate, so each image's path is its own whatever else is in the batch.
+    progress, if given, is told the share of the ELBO's steps done after each (the mode's cost 1/samples)."""
     generators = [streams.stream(seed, QSTAR_STREAM, first + i) for i in range(len(x))]
     dtype = next(model.decoder.parameters()).dtype
     mean = posterior_mode(model, x, mean.detach().to(dtype))
@@ -102,6 +105,8 @@ def optimize(
             if step >= steps - averaged:  # Polyak-Ruppert: the mean of the last iterates, not the last one
                 mean_sum += mean.detach()
                 logvar_sum += logvar.detach()
+            if progress is not None:
+                progress((step + 1) / steps)
     w = max(1, int(WINDOW * steps))
     change = history[-w:].mean(0) - history[-2 * w : -w].mean(0) if steps >= 2 * w else history[-1] - history[0]
     return QStar(mean_sum / averaged, logvar_sum / averaged, change)

@@ -458,6 +458,11 @@ def run_closed_form(
     return entry, values, bounds
 
 
+def _pass_progress(lap: Stopwatch, before: int, size: int, n: int) -> Callable[[float], None]:
+    """The progress of a pass over `size` of n images after `before` others: its share f of the whole."""
+    return lambda f: lap.progress((before + f * size) / n)
+
+
 def run_qstar(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Planned, lap: Stopwatch) -> RunResult:
     """The ELBO of q*(z|x), each image's best diagonal Gaussian (vae_cli.maths.qstar), on the first
     eval.qstar_n_images images: from the encoder's q(z|x) (from prior draws without an encoder),
@@ -470,7 +475,7 @@ def run_qstar(model: LatentVariableModel, x: torch.Tensor, cfg_eval, planned: Pl
     for first in range(0, n, qstar_batch_images(cfg_eval)):
         xb = x[first : min(n, first + qstar_batch_images(cfg_eval))]
         start = model.encode(xb) if model.encoder is not None else qstar.prior_start(model, xb, seed, first)
-        fit = qstar.optimize(model, xb, *start, seed, first)
+        fit = qstar.optimize(model, xb, *start, seed, first, progress=_pass_progress(lap, first, len(xb), n))
         fitted.append(fit)
         if lg is None:  # the same draws as the importance estimator's ELBO of q(z|x): their difference is paired
             eps = importance_noise(len(xb), k, model.K, seed, first, x.device, fit.mean.dtype)
