@@ -300,7 +300,7 @@ def cpu_hint(cfg: DictConfig, seconds_left: float, place: Place | None = None) -
     if not cfg.cpu.bf16 and cpu_has_bf16():
         faster.append("cpu.bf16=true (this CPU multiplies bf16 natively: about 2.7x a step)")
     if (place or Place()).experiment != DEMO:
-        faster.append("vae-train -m +experiment=demo (jensen, the log-mean-exp and the ELBO in about 3 minutes)")
+        faster.append("vae-train -m +experiment=demo (jensen, the log-mean-exp and the ELBO in about 4 minutes)")
     elif not faster:
         return f"on the CPU this run needs about {_duration(seconds_left)} more for its {cfg.n_train_iters} steps"
     return (
