@@ -18,6 +18,7 @@ from vae_cli.maths.models import LatentVariableModel
 from vae_cli.maths.objectives import OBJECTIVES
 from vae_cli.maths.objectives.iwae import GRADIENTS
 from vae_cli.run.rundir import EVAL
+from vae_cli.stages.figures import plot
 from vae_cli.stages.pipeline import train
 
 D = 20  # the toy's dimension, of x and of z
@@ -154,6 +155,9 @@ def test_training_and_vae_eval_report_the_gradient_snr(tmp_path, capsys):
     eval_main([str(run_dir), "--gradient-snr", "--gradient-snr-replicates", "3"])
     out = capsys.readouterr().out
     assert "gradient SNR of iwae (3 estimates" in out and "dreg encoder" in out and "standard decoder" in out
+    # vae-plot redraws it from eval.json, wherever its figures go
+    plot([run_dir], out=tmp_path / "plotted")
+    assert (tmp_path / "plotted" / "gradient_snr.png").stat().st_size > 0
 
 
 def test_a_prior_objective_has_a_decoder_side_only(tmp_path):

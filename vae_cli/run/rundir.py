@@ -61,6 +61,7 @@ REPORT = "report.md"
 RUN_FILES = (LOSSES, CHECKPOINT, SUMMARY)  # any of these makes a directory a run directory
 LOSS_PNG, SAMPLES_PNG, MEANS_PNG = "loss.png", "samples.png", "means.png"
 MANIFOLD_PNG, POSTERIOR_PNG, ENCODED_PNG = "manifold.png", "posterior.png", "encoded.png"
+GRADIENT_SNR_PNG = "gradient_snr.png"  # drawn by the evaluation (eval.gradient_snr), redrawn by vae-plot
 # One run's figures, their sizes (the drawing and the logger's grids use these), and what each shows
 # (vae-plot's report quotes these lines).
 SAMPLE_GRID = 8  # samples and means: 8x8 prior draws, the same z at every checkpoint
@@ -79,6 +80,8 @@ FIGURES = {
     "with each digit's log p(x) and KL(p(z) || p(z|x)), and zoomed in around each posterior (q(z|x) as ellipses "
     "for encoder models)",
     ENCODED_PNG: "the test set encoded: means of q(z|x), coloured by digit",
+    GRADIENT_SNR_PNG: "the gradients' signal-to-noise against the sample count (log-log), encoder and decoder, "
+    "each gradient estimator, the theory's slopes of -1/2 and +1/2 as guides (eval.json's gradient_snr)",
 }
 # The comparison of several runs (a multirun directory, or vae-plot --out)
 LOSS_CURVES_PNG, METRICS_BY_RUN_PNG = "loss_curves.png", "metrics_by_run.png"

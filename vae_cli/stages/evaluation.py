@@ -44,7 +44,7 @@ from vae_cli.run.datafiles import split_sizes
 from vae_cli.run.files import check_writable
 from vae_cli.run.keys import GREY_LEVELS, EvalConfig
 from vae_cli.run.machine import resolve_device, set_process_speed_settings
-from vae_cli.run.rundir import CHECKPOINT, EVAL, RunLock, read_run, write_evaluation
+from vae_cli.run.rundir import CHECKPOINT, EVAL, GRADIENT_SNR_PNG, RunLock, read_run, write_evaluation
 from vae_cli.stages.drawing import save_gradient_snr
 from vae_cli.stages.estimates import (
     BOUND_SOURCES,
@@ -244,8 +244,6 @@ def per_image_lists(per_image: PerImage) -> dict[str, list[float]]:
 
 # --- gradient signal-to-noise (eval.gradient_snr) --------------------------------------------------
 
-GRADIENT_SNR_FIGURE = "gradient_snr.png"
-
 
 def gradient_snr(model: LatentVariableModel, images: Images, cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """{"gradient_snr": entry} for eval.json where eval.gradient_snr asks for it and the objective has
@@ -254,7 +252,7 @@ def gradient_snr(model: LatentVariableModel, images: Images, cfg: DictConfig, ru
         return {}
     x = images.train[: cfg.eval.gradient_snr_images].to(next(model.parameters()).device)
     entry = run_gradient_snr(model, x, cfg.eval, cfg.objective.name, objective_options(cfg))
-    save_gradient_snr(entry, Path(run_dir) / GRADIENT_SNR_FIGURE, Path(run_dir).name)
+    save_gradient_snr(entry, Path(run_dir) / GRADIENT_SNR_PNG, Path(run_dir).name)
     return {"gradient_snr": entry}
 
 

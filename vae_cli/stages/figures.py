@@ -10,6 +10,7 @@ One run, drawn into the run directory (or --out):
     manifold.png    (K=2) decoder means over a grid of z in [-3, 3]^2
     posterior.png   (K=2) exact p(z|x) on grids for five test digits, next to p(z), zoomed; q(z|x) if any
     encoded.png     (K=2, encoder models) means of q(z|x) of the test set, coloured by digit
+    gradient_snr.png  (vae-plot, where eval.json has it) the gradients' signal-to-noise by sample count
 Several runs, into the multirun directory (or --out), each run's figures in its own directory:
     loss_curves.png, vs_<parameter>.png (or metrics_by_run.png), comparison.csv, comparison.md
 """
@@ -34,6 +35,7 @@ from vae_cli.run.rundir import (
     CHECKPOINT,
     ENCODED_PNG,
     FIGURES,
+    GRADIENT_SNR_PNG,
     LOSS_CURVES_PNG,
     LOSS_PNG,
     MANIFOLD_PNG,
@@ -124,10 +126,11 @@ def draw_run(
     out: RunFigures,
     test_set: TestSet | None | DataError,
     label: str,
+    evaluation: dict | None = None,
 ) -> RunFigures:
     """Every figure of one run that its parts allow, into out.out_dir; what cannot be drawn becomes a
     note. vae-train's figures stage and vae-plot both draw with it: the model and losses in memory, or
-    read from the run's files."""
+    read from the run's files (and eval.json's gradient SNR, which vae-train's evaluation draws itself)."""
     out.out_dir.mkdir(parents=True, exist_ok=True)
 
     def draw(name: str, fn, *args) -> bool:
@@ -146,6 +149,9 @@ def draw_run(
     if losses and losses["step"]:
         note = "" if out.completed else out.status
         draw(LOSS_PNG, drawing.save_loss_plot, losses, out.out_dir / LOSS_PNG, label, objective, note)
+    snr = (evaluation or {}).get("gradient_snr")
+    if snr:
+        draw(GRADIENT_SNR_PNG, drawing.save_gradient_snr, snr, out.out_dir / GRADIENT_SNR_PNG, label)
     if model is None:
         return out
     samples_and_means = (drawing.save_sample_grids, model, out.out_dir / SAMPLES_PNG, out.out_dir / MEANS_PNG, label)
@@ -192,7 +198,7 @@ def draw_run_dir(run: RunFiles, out_dir: Path, test_images: TestImages) -> RunFi
     objective_cfg = (
         cfg if cfg is not None else OmegaConf.create({"objective": {"name": (run.summary or {}).get("objective", "")}})
     )
-    return draw_run(objective_cfg, model, run.losses, out, test_set, label)
+    return draw_run(objective_cfg, model, run.losses, out, test_set, label, run.evaluation)
 
 
 def draw_comparison(runs: list[RunFiles], out_dir: Path) -> tuple[list[Figure], list[Path], Comparison]:
