@@ -21,7 +21,8 @@ from vae_cli.run.rundir import COMPARISON_CSV, COMPARISON_MD, EVAL, RunFiles, co
 
 log = logging.getLogger(__name__)
 
-METRICS = ("final_loss", "log_px", "gap_jensen", "gap_elbo")  # the numbers with a stderr column
+# the numbers with a stderr column; q*'s split of gap_elbo is over eval.qstar_n_images images
+METRICS = ("final_loss", "log_px", "gap_jensen", "gap_elbo", "gap_approximation", "gap_amortization")
 SEED = "seed"
 SHOWN_ALWAYS = ("objective", "K", "n_samples")  # columns of every table, differing or not
 

@@ -20,6 +20,8 @@ METRIC_LABELS = {
     "log_px": "log p(x) (nats)",
     "gap_jensen": "gap of the Jensen bound (nats)",
     "gap_elbo": "gap of the ELBO (nats)",
+    "gap_approximation": "approximation gap, log p(x) - ELBO(q*) (nats)",
+    "gap_amortization": "amortization gap, ELBO(q*) - ELBO(q) (nats)",
 }
 
 
