@@ -51,7 +51,7 @@ lock-check: setup
 train: setup
 	$(BIN)/vae-train $(ARGS)
 
-# The story in about three minutes on a CPU: jensen, the log-mean-exp and the ELBO, evaluated,
+# The story in about four minutes on a CPU: jensen, the log-mean-exp and the ELBO, evaluated,
 # then vae-plot's report (conf/experiment/demo.yaml says how it differs from `make train`).
 # Stopped with Ctrl-C, the runs that finished are still compared and drawn: the recipe's shell
 # outlives the SIGINT (a trap, not an ignore, so vae-train still gets it) and make waits for it.
