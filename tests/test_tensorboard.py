@@ -82,7 +82,10 @@ def test_events_hold_the_csv_the_grids_the_evaluation_and_the_hparams(tmp_path, 
         assert session.hparams[key].number_value == pytest.approx(summary.get(key, compose_config(RUN)[key]))
     assert "_hparams_/experiment" not in content  # TensorBoard builds it from all the runs of a sweep
     metrics = {tag for tag in accumulator.Tags()["scalars"] if tag.startswith(FINAL)}
-    assert metrics == {FINAL + key for key in ("final_loss", "log_px", "log_px_stderr", "gap_jensen")}
+    # q*'s approximation gap too (an encoder-free model has no amortization gap)
+    final = ("final_loss", "log_px", "log_px_stderr", "gap_jensen", "gap_approximation")
+    assert metrics == {FINAL + key for key in final}
+    assert accumulator.Scalars("eval/gap_approximation")[-1].value == pytest.approx(result["gap_approximation"])
     for tag in metrics:
         assert accumulator.Scalars(tag)[-1].value == pytest.approx(summary[tag[len(FINAL) :]], rel=1e-6)
 

@@ -40,7 +40,18 @@ FINAL = "final/"  # the metrics of the HParams view
 HPARAMS = ("objective", "model", "likelihood", "K", "n_samples", "batch_size", "lr", "seed", "data", "n_train_iters")
 GROUP_HPARAMS = ("objective", "model", "likelihood", "data")
 # summary.json keys shown as metrics next to the hyper-parameters (those a run has).
-FINAL_METRICS = ("final_loss", "log_px", "log_px_stderr", "gap_jensen", "gap_elbo")
+FINAL_METRICS = (
+    "final_loss",
+    "log_px",
+    "log_px_stderr",
+    "gap_jensen",
+    "gap_elbo",
+    "gap_approximation",
+    "gap_amortization",
+)
+# eval.json's numbers written as scalars of the evaluation (those it has)
+EVAL_SCALARS = tuple(f"{gap}{part}" for gap in ("gap_jensen", "gap_elbo", "gap_approximation", "gap_amortization")
+                     for part in ("", "_stderr"))  # fmt: skip
 
 
 class Tracker:
@@ -97,7 +108,7 @@ class TensorBoardTracker(Tracker):
         self.writer.flush()
 
     def evaluation(self, result: dict[str, Any], step: int) -> None:
-        for key in ("log_px", "log_px_stderr", "gap_jensen", "gap_jensen_stderr", "gap_elbo", "gap_elbo_stderr"):
+        for key in ("log_px", "log_px_stderr", *EVAL_SCALARS):
             if _is_number(result.get(key)):
                 self.writer.add_scalar(EVAL + key, result[key], step)
         for name, estimate in result.get("estimates", {}).items():
